@@ -1,0 +1,17 @@
+"""Pure math: preference losses, LM-head log-prob ops and the SAM steps. Imports torch only."""
+
+from .head import IGNORE_INDEX, HeadOutput, dense_head_logps
+from .head_chunked import chunked_head_logps
+from .sam import FullSAM, head_fn, logits_sam, sam_perturbation, sequence_logps
+
+__all__ = [
+    "IGNORE_INDEX",
+    "FullSAM",
+    "HeadOutput",
+    "chunked_head_logps",
+    "dense_head_logps",
+    "head_fn",
+    "logits_sam",
+    "sam_perturbation",
+    "sequence_logps",
+]

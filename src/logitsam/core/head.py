@@ -1,0 +1,161 @@
+"""LM-head log-probs: the dense reference implementation and the shared output type.
+
+Both head implementations (this dense one and `head_chunked.chunked_head_logps`) share one
+signature, ``(hidden, weight, bias, labels, *, with_stats) -> HeadOutput``, so a logits-SAM
+perturbed weight ``weight + eps`` is just another tensor passed in.
+
+The naive expression both equal::
+
+    logits = hidden @ weight.T + bias                      # (R, T, V)
+    token_logps = log_softmax(logits)[r, t, labels[r, t]]  # 0 where labels == -100
+    logps = token_logps.sum(-1)                            # (R,)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax/accumulation dtype: float32 for half types, the input dtype for float32/float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+# Columns of the per-token statistics tensor, in order (all computed on completion tokens only).
+STAT_NAMES = ("entropy", "argmax_prob", "top1", "sum_p2", "logits_sum")
+
+
+@dataclass
+class HeadOutput:
+    """Per-token and per-row log-probs from one head pass, plus head statistics.
+
+    Rows are ``R = 2B`` sequences, chosen rows first: row ``i`` and row ``i + B`` form pair ``i``.
+
+    Attributes:
+        token_logps (R, T): ``log p(labels[r, t])``, 0 at ignored positions. Differentiable.
+        logps (R,): per-row sum of ``token_logps`` over completion tokens. Differentiable.
+        lengths (R,): completion token counts (int64).
+        entropy, argmax_prob, top1, sum_p2, logits_sum (R,): per-row *sums* over completion tokens of
+            the token entropy ``-sum_v p_v log p_v``, the probability of the argmax token ``p(y*)``,
+            ``1[argmax == label]``, ``sum_v p_v^2`` and ``sum_v z_v`` (raw logits). float32, detached;
+            ``None`` when the pass ran with ``with_stats=False``.
+        vocab_size: V.
+    """
+
+    token_logps: torch.Tensor
+    logps: torch.Tensor
+    lengths: torch.Tensor
+    vocab_size: int
+    entropy: torch.Tensor | None = None
+    argmax_prob: torch.Tensor | None = None
+    top1: torch.Tensor | None = None
+    sum_p2: torch.Tensor | None = None
+    logits_sum: torch.Tensor | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.logps.shape[0] // 2
+
+    @property
+    def chosen_logps(self) -> torch.Tensor:
+        return self.logps[: self.num_pairs]
+
+    @property
+    def rejected_logps(self) -> torch.Tensor:
+        return self.logps[self.num_pairs :]
+
+    @property
+    def chosen_lengths(self) -> torch.Tensor:
+        return self.lengths[: self.num_pairs]
+
+    @property
+    def rejected_lengths(self) -> torch.Tensor:
+        return self.lengths[self.num_pairs :]
+
+    def detach(self) -> HeadOutput:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return HeadOutput(**{k: v.detach() if torch.is_tensor(v) else v for k, v in values.items()})
+
+
+def valid_tokens(hidden: torch.Tensor, labels: torch.Tensor):
+    """Select the completion positions: returns ``(h (n, d), targets (n,), flat_index (n,), row (n,))``."""
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"expected hidden (R, T, d) and labels (R, T); got hidden {tuple(hidden.shape)} "
+            f"and labels {tuple(labels.shape)}"
+        )
+    T = hidden.shape[1]
+    flat_labels = labels.reshape(-1)
+    flat_index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)  # (n, d)
+    return h, flat_labels.index_select(0, flat_index), flat_index, flat_index // T
+
+
+def check_targets(targets: torch.Tensor, vocab_size: int) -> None:
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
+        bad = targets[(targets < 0) | (targets >= vocab_size)][0].item()
+        raise ValueError(
+            f"label {bad} is outside the vocabulary [0, {vocab_size}); use {IGNORE_INDEX} for ignored positions"
+        )
+
+
+def assemble(
+    token_lp: torch.Tensor,
+    stats: torch.Tensor | None,
+    flat_index: torch.Tensor,
+    row: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+) -> HeadOutput:
+    """Scatter per-token values ``(n,)`` back to rows: token_logps (R, T), per-row sums (R,)."""
+    R, T = labels.shape
+    token_logps = token_lp.new_zeros(R * T).index_copy(0, flat_index, token_lp).view(R, T)
+    logps = token_lp.new_zeros(R).index_add(0, row, token_lp)
+    lengths = torch.bincount(row, minlength=R)
+    out = HeadOutput(token_logps=token_logps, logps=logps, lengths=lengths, vocab_size=vocab_size)
+    if stats is not None:
+        sums = stats.new_zeros(R, stats.shape[1]).index_add(0, row, stats)  # (R, 5)
+        for j, name in enumerate(STAT_NAMES):
+            setattr(out, name, sums[:, j])
+    return out
+
+
+@torch.no_grad()
+def token_stats(logits: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Dense per-token statistics ``(n, 5)`` in STAT_NAMES order from fp32 logits and log-softmax."""
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    p_max, argmax = p.max(-1)
+    top1 = (argmax == targets).to(p.dtype)
+    return torch.stack([entropy, p_max, top1, (p * p).sum(-1), logits.sum(-1)], dim=1)
+
+
+def dense_head_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    with_stats: bool = True,
+) -> HeadOutput:
+    """Per-token and per-row log-probs with full logits in memory (the reference implementation).
+
+    Args:
+        hidden (R, T, d): final hidden states, the input of the LM head.
+        weight (V, d), bias (V,) or None: the head.
+        labels (R, T): the token each position predicts (already shifted), -100 where ignored.
+        with_stats: also compute the per-row statistics of ``HeadOutput``.
+
+    Only completion positions are projected; logits are upcast to float32 before the softmax.
+    """
+    h, targets, flat_index, row = valid_tokens(hidden, labels)
+    check_targets(targets, weight.shape[0])
+    logits = F.linear(h, weight, bias).to(acc_dtype(weight.dtype))  # (n, V)
+    logp = logits.log_softmax(-1)
+    token_lp = logp.gather(1, targets[:, None]).squeeze(1)  # (n,)
+    stats = token_stats(logits, logp, targets) if with_stats else None
+    return assemble(token_lp, stats, flat_index, row, labels, weight.shape[0])

