@@ -99,10 +99,10 @@ def embedded_model_dir(
     """Directory with a plain safetensors copy of an embedded GGUF model, converting it on first use.
 
     The copy lives in `<root>/models/<name>`, where root is `cache_dir`, else $LOGITSAM_CACHE, else
-    ~/.cache/logitsam. It holds float32 weights (Q4_1 de-quantizes exactly into float32, not into
-    bfloat16), the tokenizer with its chat template, and a marker file naming the source GGUF (name,
-    size) and the transformers version that converted it. The copy is reused while the GGUF name and
-    size match the marker; otherwise it is rebuilt.
+    ~/.cache/logitsam. It holds float32 weights (the de-quantized values as transformers computes
+    them; bfloat16 would round them again), the tokenizer with its chat template, and a marker file
+    naming the source GGUF (name, size) and the transformers version that converted it. The copy is
+    reused while the GGUF name and size match the marker; otherwise it is rebuilt.
 
     The conversion writes into a temporary directory beside the target and renames it into place, so a
     reader never sees a half-written copy and two processes converting at once both end up with a
@@ -118,13 +118,17 @@ def embedded_model_dir(
     start = time.perf_counter()
     if _is_current(target, source):
         logger.info(
-            "embedded model %s: reusing %s (checked in %.3f s)", name, target, time.perf_counter() - start
+            "embedded model %s: reusing %s (checked in %.1f ms)",
+            name,
+            target,
+            1e3 * (time.perf_counter() - start),
         )
         return target
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
         _convert_gguf(gguf, tmp)
         marker = {**source, "transformers_version": transformers.__version__}
         # The marker goes in last: a directory with a marker is a complete directory.
@@ -256,9 +260,15 @@ def load_model(
         model.to(device)
     if gradient_checkpointing:
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        # transformers 5.x renamed the method (the old name warns, and goes in v6); Trainer does the same.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if lora is not None:
-            # Frozen embeddings give checkpointed blocks inputs without grad; LoRA grads would vanish.
+            # Frozen embeddings feed checkpointed blocks inputs without grad. Non-reentrant checkpointing
+            # copes, but reentrant (if a caller re-enables it) would silently drop the LoRA grads.
             model.enable_input_require_grads()
     if lora is not None:
         from peft import get_peft_model

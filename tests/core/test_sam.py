@@ -233,7 +233,9 @@ def test_full_sam_matches_definition_and_restores_exactly():
     params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
     grads = torch.autograd.grad(loss_of(params), list(params.values()))
     norm = torch.sqrt(sum(g.square().sum() for g in grads))
-    perturbed = {n: (p + rho * g / norm).detach().requires_grad_() for (n, p), g in zip(params.items(), grads)}
+    perturbed = {
+        n: (p + rho * g / norm).detach().requires_grad_() for (n, p), g in zip(params.items(), grads, strict=True)
+    }
     expected = dict(zip(params, torch.autograd.grad(loss_of(perturbed), list(perturbed.values())), strict=True))
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

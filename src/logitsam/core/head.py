@@ -141,6 +141,7 @@ def dense_head_logps(
     labels: torch.Tensor,
     *,
     with_stats: bool = True,
+    weight_delta: torch.Tensor | None = None,
 ) -> HeadOutput:
     """Per-token and per-row log-probs with full logits in memory (the reference implementation).
 
@@ -149,11 +150,14 @@ def dense_head_logps(
         weight (V, d), bias (V,) or None: the head.
         labels (R, T): the token each position predicts (already shifted), -100 where ignored.
         with_stats: also compute the per-row statistics of ``HeadOutput``.
+        weight_delta (V, d) or None: a constant added to the weight (the logits-SAM eps).
 
     Only completion positions are projected; logits are upcast to float32 before the softmax.
     """
     h, targets, flat_index, row = valid_tokens(hidden, labels)
     check_targets(targets, weight.shape[0])
+    if weight_delta is not None:
+        weight = weight + weight_delta.detach()
     logits = F.linear(h, weight, bias).to(acc_dtype(weight.dtype))  # (n, V)
     logp = logits.log_softmax(-1)
     token_lp = logp.gather(1, targets[:, None]).squeeze(1)  # (n,)

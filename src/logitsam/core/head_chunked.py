@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .head import HeadOutput, acc_dtype, assemble, check_targets, valid_tokens
 
 DEFAULT_CHUNK_SIZE = 256
+DEFAULT_VOCAB_CHUNK_SIZE = 8192
 
 
 def _slices(n: int, size: int):
@@ -26,9 +27,13 @@ def _slices(n: int, size: int):
         yield start, min(start + size, n)
 
 
-def _block_logits(h, weight, bias, v0, v1):
+def _block_weight(weight, delta, v0, v1):
+    return weight[v0:v1] if delta is None else weight[v0:v1] + delta[v0:v1]  # (v, d)
+
+
+def _block_logits(h, w_block, bias, v0, v1):
     b = None if bias is None else bias[v0:v1]
-    return F.linear(h, weight[v0:v1], b).to(acc_dtype(weight.dtype))  # (c, v1 - v0)
+    return F.linear(h, w_block, b).to(acc_dtype(w_block.dtype))  # (c, v1 - v0)
 
 
 def _label_hits(targets, v0, v1):
@@ -38,7 +43,7 @@ def _label_hits(targets, v0, v1):
 
 
 @torch.no_grad()
-def _forward(h, weight, bias, targets, chunk_size, vocab_chunk_size, with_stats):
+def _forward(h, weight, delta, bias, targets, chunk_size, vocab_chunk_size, with_stats):
     """Returns lse (n,), label logit (n,) and stats (n, 5) or None, all float32."""
     n, V, acc = h.shape[0], weight.shape[0], acc_dtype(weight.dtype)
     lse = h.new_empty(n, dtype=acc)
@@ -51,7 +56,7 @@ def _forward(h, weight, bias, targets, chunk_size, vocab_chunk_size, with_stats)
         amax = torch.zeros_like(y_c)
         y_logit = torch.zeros_like(m)
         for v0, v1 in _slices(V, vocab_chunk_size):
-            z = _block_logits(h_c, weight, bias, v0, v1)  # (c, v)
+            z = _block_logits(h_c, _block_weight(weight, delta, v0, v1), bias, v0, v1)  # (c, v)
             z_max, z_arg = z.max(-1)
             m_new = torch.maximum(m, z_max)
             scale = (m - m_new).exp()
@@ -82,8 +87,10 @@ def _accumulate(out, a, b):
 
 
 @torch.no_grad()
-def head_backward(h, weight, bias, targets, lse, grad_lp, chunk_size, vocab_chunk_size, need=(True, True, True)):
-    """Gradients of ``sum_i grad_lp[i] * log p(targets[i])`` w.r.t. (h, weight, bias), recomputing logits.
+def head_backward(h, weight, delta, bias, targets, lse, grad_lp, chunk_size, vocab_chunk_size, need):
+    """Gradients of ``sum_i grad_lp[i] log p(targets[i])`` w.r.t. (h, weight, bias), recomputing logits.
+
+    The head weight is ``weight + delta`` (delta None: 0); its gradient is also weight's.
 
     d log p(y_i) / d z_iv = 1[v = y_i] - p_iv, so dz = grad_lp * (onehot - p) block by block.
     Accumulates in float32 (float64 for float64 inputs); returns a tuple with None for gradients not needed.
@@ -96,13 +103,14 @@ def head_backward(h, weight, bias, targets, lse, grad_lp, chunk_size, vocab_chun
     for i0, i1 in _slices(n, chunk_size):
         h_c, y_c, g_c = h[i0:i1], targets[i0:i1], grad_lp[i0:i1].to(acc)
         for v0, v1 in _slices(V, vocab_chunk_size):
-            z = _block_logits(h_c, weight, bias, v0, v1)
+            w_block = _block_weight(weight, delta, v0, v1)
+            z = _block_logits(h_c, w_block, bias, v0, v1)
             dz = (z - lse[i0:i1, None]).exp_().mul_(-g_c[:, None])  # -g * p, (c, v)
             inside, col = _label_hits(y_c, v0, v1)
             dz.scatter_add_(1, col[:, None], torch.where(inside, g_c, 0.0)[:, None])
             dz_mm = dz.to(weight.dtype)
             if need_h:
-                _accumulate(grad_h[i0:i1], dz_mm, weight[v0:v1])
+                _accumulate(grad_h[i0:i1], dz_mm, w_block)
             if need_w:
                 _accumulate(grad_w[v0:v1], dz_mm.T, h_c.to(weight.dtype))
             if need_b:
@@ -112,12 +120,13 @@ def head_backward(h, weight, bias, targets, lse, grad_lp, chunk_size, vocab_chun
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """token log-probs (n,) and detached stats (n, 5) from (h, weight, bias, targets)."""
+    """token log-probs (n,) and detached stats (n, 5) from (h, weight [+ delta], bias, targets)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk_size, vocab_chunk_size, with_stats):
-        lse, label_logit, stats = _forward(h, weight, bias, targets, chunk_size, vocab_chunk_size, with_stats)
-        ctx.save_for_backward(h, weight, bias, targets, lse)
+    def forward(ctx, h, weight, delta, bias, targets, chunk_size, vocab_chunk_size, with_stats):
+        chunks = (chunk_size, vocab_chunk_size)
+        lse, label_logit, stats = _forward(h, weight, delta, bias, targets, *chunks, with_stats)
+        ctx.save_for_backward(h, weight, delta, bias, targets, lse)
         ctx.chunks = (chunk_size, vocab_chunk_size)
         if stats is None:
             stats = lse.new_empty(0)
@@ -126,10 +135,12 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lp, _grad_stats):
-        h, weight, bias, targets, lse = ctx.saved_tensors
-        need = ctx.needs_input_grad[:3]
-        grads = head_backward(h, weight, bias, targets, lse, grad_lp, *ctx.chunks, need=need)
-        return (*grads, None, None, None, None)
+        h, weight, delta, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+        grad_h, grad_w, grad_b = head_backward(
+            h, weight, delta, bias, targets, lse, grad_lp, *ctx.chunks, need=(need_h, need_w, need_b)
+        )
+        return grad_h, grad_w, None, grad_b, None, None, None, None
 
 
 def chunked_head_logps(
@@ -140,22 +151,27 @@ def chunked_head_logps(
     *,
     with_stats: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    vocab_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = DEFAULT_VOCAB_CHUNK_SIZE,
+    weight_delta: torch.Tensor | None = None,
 ) -> HeadOutput:
     """Chunked twin of ``dense_head_logps``: same arguments and result, O(chunk x V) extra memory.
 
     Args:
         hidden (R, T, d), weight (V, d), bias (V,) or None, labels (R, T): as in ``dense_head_logps``.
         chunk_size: completion tokens per chunk.
-        vocab_chunk_size: vocabulary slice per block (None: the whole vocabulary, fastest).
+        vocab_chunk_size: vocabulary slice per block (None: the whole vocabulary in one block).
+        weight_delta (V, d): a constant added to the weight slice by slice (the logits-SAM eps), so
+            ``weight + weight_delta`` is never materialised; gradients still flow to ``weight``.
     """
+    if weight_delta is not None and weight_delta.requires_grad:
+        raise ValueError("weight_delta must be a constant (no gradient flows through the SAM perturbation)")
     if chunk_size < 1 or (vocab_chunk_size is not None and vocab_chunk_size < 1):
         raise ValueError(f"chunk sizes must be positive, got {chunk_size=} {vocab_chunk_size=}")
     h, targets, flat_index, row = valid_tokens(hidden, labels)
     V = weight.shape[0]
     check_targets(targets, V)
     token_lp, stats = _ChunkedTokenLogps.apply(
-        h, weight, bias, targets, chunk_size, vocab_chunk_size or V, with_stats
+        h, weight, weight_delta, bias, targets, chunk_size, vocab_chunk_size or V, with_stats
     )
     return assemble(token_lp, stats if with_stats else None, flat_index, row, labels, V)
 

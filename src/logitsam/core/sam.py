@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .head import HeadOutput, dense_head_logps
-from .head_chunked import chunked_head_logps
+from .head_chunked import DEFAULT_VOCAB_CHUNK_SIZE, chunked_head_logps
 
 NORMS = ("local", "global")
 NORM_FLOOR = 1e-12
@@ -37,6 +37,7 @@ def sam_perturbation(
     norm: str = "local",
     adaptive: bool = False,
     asam: bool = False,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ascent step ``eps`` for one weight, and the norm that scaled it.
 
@@ -50,30 +51,39 @@ def sam_perturbation(
     Args:
         grad (V, d): gradient of the loss w.r.t. the weight (logit path only for logits-SAM).
         weight (V, d): the unperturbed weight (used by adaptive/asam only).
+        inplace: plain SAM may scale a float32 ``grad`` in place (saves one (V, d) buffer).
     Returns:
         eps (V, d) in ``weight.dtype`` (a constant: no graph), and the norm (0-dim float32 tensor).
     """
     if adaptive and asam:
         raise ValueError("choose at most one of adaptive (the authors' |W|-scaled variant) and asam")
     g = grad.detach().float()
-    w_abs = weight.detach().float().abs()
-    scaled = w_abs * g if (adaptive or asam) else g
-    sq = _reduce_squared_norm(scaled.square().sum(), norm)
+    if adaptive or asam:
+        w_abs = weight.detach().float().abs()
+        scaled = w_abs * g
+    else:
+        scaled = g
+    sq = _reduce_squared_norm(scaled.square().sum(), norm)  # cascade-summed in float32
     grad_norm = sq.sqrt()
-    direction = w_abs * scaled if asam else scaled
-    eps = direction * (rho / grad_norm.clamp_min(NORM_FLOOR))
+    factor = rho / grad_norm.clamp_min(NORM_FLOOR)
+    fresh = adaptive or asam or inplace or g.data_ptr() != grad.data_ptr()  # may we write into `scaled`?
+    if asam:
+        eps = scaled.mul_(w_abs).mul_(factor)
+    else:
+        eps = scaled.mul_(factor) if fresh else scaled * factor
     return eps.to(weight.dtype), grad_norm
 
 
-def head_fn(chunk_size: int | None = None, vocab_chunk_size: int | None = None) -> Callable[..., HeadOutput]:
+def head_fn(chunk_size: int | None = None, vocab_chunk_size: int | None = DEFAULT_VOCAB_CHUNK_SIZE
+            ) -> Callable[..., HeadOutput]:
     """The dense head (``chunk_size=None``) or the chunked one, with one call signature."""
     if chunk_size is None:
         return dense_head_logps
 
-    def head(hidden, weight, bias, labels, *, with_stats=True):
+    def head(hidden, weight, bias, labels, *, with_stats=True, weight_delta=None):
         return chunked_head_logps(
-            hidden, weight, bias, labels,
-            with_stats=with_stats, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+            hidden, weight, bias, labels, with_stats=with_stats, chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size, weight_delta=weight_delta,
         )
 
     return head
@@ -85,7 +95,7 @@ def sequence_logps(
     labels: torch.Tensor,
     *,
     chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = DEFAULT_VOCAB_CHUNK_SIZE,
     with_stats: bool = True,
 ) -> HeadOutput:
     """Per-token and per-sequence log-probs through the unperturbed head (see ``logits_sam``)."""
@@ -101,7 +111,7 @@ def logits_sam(
     rho: float,
     *,
     chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = DEFAULT_VOCAB_CHUNK_SIZE,
     norm: str = "local",
     adaptive: bool = False,
     asam: bool = False,
@@ -137,8 +147,10 @@ def logits_sam(
         clean = head(hidden.detach(), w0, b0, labels, with_stats=True)
         loss_pre = loss_fn(clean)
         (grad_w,) = torch.autograd.grad(loss_pre, w0)
-    eps, grad_norm = sam_perturbation(grad_w, weight, rho, norm=norm, adaptive=adaptive, asam=asam)
-    perturbed = head(hidden, weight + eps, bias, labels, with_stats=False)
+    eps, grad_norm = sam_perturbation(grad_w, weight, rho, norm=norm, adaptive=adaptive, asam=asam, inplace=True)
+    del grad_w
+    perturbed = head(hidden, weight, bias, labels, with_stats=False, weight_delta=eps)
+    del eps
     loss = loss_fn(perturbed)
     stats = {
         "loss_pre": float(loss_pre.detach()),
