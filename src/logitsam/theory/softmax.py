@@ -55,13 +55,18 @@ def make_problem(
     """A random example made peaked the way pretraining does it: a few GD steps on CE(y*).
 
     W0 ~ weight_scale * N(0, 1), phi uniform on the sphere of radius ``feature_norm`` (so mu != 1 and a
-    misplaced mu shows up), then ``warmup_steps`` GD steps of rate ``warmup_lr`` towards y*.
+    misplaced mu shows up), then ``warmup_steps`` GD steps of rate ``warmup_lr`` towards a random y*.
+    With ``warmup_steps=0`` the peak comes from the scale of W0 alone and y* is its argmax.
     """
     gen = torch.Generator().manual_seed(seed)
     weight = weight_scale * torch.randn(num_classes, dim, generator=gen, dtype=DTYPE)
     phi = torch.randn(dim, generator=gen, dtype=DTYPE)
     phi = feature_norm * phi / phi.norm()
-    dominant, chosen, rejected = torch.randperm(num_classes, generator=gen)[:3].tolist()
+    order = torch.randperm(num_classes, generator=gen).tolist()
+    if warmup_steps == 0:
+        argmax = int(probs(weight, phi).argmax())
+        order = [argmax] + [c for c in order if c != argmax]
+    dominant, chosen, rejected = order[:3]
     for _ in range(warmup_steps):
         weight = sam_step(lambda w: ce_loss(w, phi, dominant), weight, lr=warmup_lr, rho=0.0)
     assert int(probs(weight, phi).argmax()) == dominant, "warm-up did not make y* the argmax"

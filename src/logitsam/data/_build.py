@@ -1,0 +1,109 @@
+"""Source -> tokenised `datasets.Dataset`, and a deterministic train/eval split."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+from ._formats import DATA_FORMATS, PreferenceExample, detect_format, normalize_rows
+from ._report import DropReport
+from ._sources import load_rows
+from ._tokenize import tokenize_examples
+
+
+def load_preference_examples(
+    source: str | Path,
+    *,
+    split: str = "train",
+    data_format: str = "auto",
+    on_invalid: str = "error",
+    max_samples: int | None = None,
+) -> tuple[list[PreferenceExample], DropReport]:
+    """Read and validate a source into normalised examples (see `logitsam.data._formats`).
+
+    Args:
+        source: local ``.jsonl``/``.json`` (optionally ``.gz``) or ``.parquet`` file, dataset folder or hub id.
+        split: ``datasets`` split syntax, e.g. ``"train"``, ``"test[:100]"``.
+        data_format: "auto" (from the columns) or one of `DATA_FORMATS`.
+        on_invalid: "error" raises `InvalidRowError` at the first invalid row; "drop" counts it.
+        max_samples: read only the first ``max_samples`` rows of the split (before validation).
+
+    Returns:
+        ``(examples, report)``; the report counts rows read and dropped, per reason.
+    """
+    if data_format != "auto" and data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format={data_format!r}; allowed: auto, {', '.join(DATA_FORMATS)}")
+    report = DropReport(str(source), on_invalid=on_invalid)
+    rows = load_rows(source, split, max_samples=max_samples, report=report)
+    if data_format == "auto":
+        data_format = detect_format([record for _, record in rows], str(source))
+    return normalize_rows(rows, data_format, report), report
+
+
+def build_preference_dataset(
+    source: str | Path,
+    tokenizer: Any,
+    *,
+    split: str = "train",
+    data_format: str = "auto",
+    max_length: int | None = 512,
+    max_prompt_length: int | None = 256,
+    truncation_mode: str = "keep_end",
+    on_invalid: str = "error",
+    max_samples: int | None = None,
+    add_eos: bool = True,
+    apply_chat_template: bool | None = None,
+):
+    """Read, validate and tokenise a preference source in one call.
+
+    Rendering and truncation follow `logitsam.data._tokenize`: the prompt is cut to
+    ``max_prompt_length`` (``keep_end``: its last tokens; ``keep_start``: its first), then each
+    completion, EOS included, to the ``max_length - prompt_length`` tokens left.
+
+    Returns:
+        ``(dataset, report)``. The dataset has one row per kept pair with columns ``index`` (0..N-1, the
+        key for cached reference log-probs; it survives `train_eval_split`), ``row`` (source row),
+        ``prompt_length``, ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``,
+        ``rejected_labels``. The report has been logged on the ``logitsam.data`` logger.
+    """
+    from datasets import Dataset
+
+    examples, report = load_preference_examples(
+        source, split=split, data_format=data_format, on_invalid=on_invalid, max_samples=max_samples
+    )
+    columns = tokenize_examples(
+        examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+        truncation_mode=truncation_mode, add_eos=add_eos, apply_chat_template=apply_chat_template,
+        report=report,
+    )
+    report.log_summary()
+    if not columns["row"]:
+        raise ValueError(f"{report}: no valid preference pairs left")
+    dataset = Dataset.from_dict({"index": list(range(len(columns["row"]))), **columns})
+    return dataset, report
+
+
+def train_eval_split(dataset, eval_size: int | float, seed: int = 0):
+    """Split a dataset into (train, eval) by a seeded random draw; each part keeps dataset order.
+
+    Args:
+        dataset: any `datasets.Dataset` (or object with ``__len__`` and ``select``).
+        eval_size: number of eval rows (int >= 1), or a fraction in (0, 1) rounded up.
+        seed: the same seed and length always give the same split.
+    """
+    n = len(dataset)
+    if isinstance(eval_size, float) and not isinstance(eval_size, bool):
+        if not 0.0 < eval_size < 1.0:
+            raise ValueError(f"eval_size={eval_size}; a fraction must lie in (0, 1)")
+        n_eval = math.ceil(eval_size * n)
+    elif isinstance(eval_size, int) and not isinstance(eval_size, bool):
+        n_eval = eval_size
+    else:
+        raise TypeError(f"eval_size={eval_size!r}; expected an int or a float fraction")
+    if not 1 <= n_eval < n:
+        raise ValueError(f"eval_size={eval_size} gives {n_eval} eval rows of {n}; both parts must be non-empty")
+    eval_rows = set(random.Random(seed).sample(range(n), n_eval))
+    train = dataset.select([i for i in range(n) if i not in eval_rows])
+    return train, dataset.select(sorted(eval_rows))

@@ -1,0 +1,58 @@
+"""Public preference losses: ``from logitsam.losses import preference_loss``.
+
+A thin re-export of ``logitsam.core.losses``; see there for the formulas and papers.
+"""
+
+from logitsam.core.losses import (
+    LOSS_TYPES,
+    REFERENCE_FREE,
+    aot_loss,
+    aot_unpaired_loss,
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
+    cpo_loss,
+    discopop_loss,
+    exo_pair_loss,
+    hinge_loss,
+    ipo_loss,
+    nca_pair_loss,
+    orpo_loss,
+    preference_loss,
+    requires_lengths,
+    requires_reference,
+    robust_loss,
+    sft_loss,
+    sigmoid_loss,
+    sigmoid_norm_loss,
+    simpo_loss,
+    slic_loss,
+    sppo_hard_loss,
+)
+
+__all__ = [
+    "LOSS_TYPES",
+    "REFERENCE_FREE",
+    "aot_loss",
+    "aot_unpaired_loss",
+    "apo_down_loss",
+    "apo_zero_loss",
+    "bco_pair_loss",
+    "cpo_loss",
+    "discopop_loss",
+    "exo_pair_loss",
+    "hinge_loss",
+    "ipo_loss",
+    "nca_pair_loss",
+    "orpo_loss",
+    "preference_loss",
+    "requires_lengths",
+    "requires_reference",
+    "robust_loss",
+    "sft_loss",
+    "sigmoid_loss",
+    "sigmoid_norm_loss",
+    "simpo_loss",
+    "slic_loss",
+    "sppo_hard_loss",
+]
