@@ -1,0 +1,234 @@
+"""`PreferenceTrainer`: transformers.Trainer with DPO-family losses and logits-SAM / full SAM.
+
+One training micro-batch, readable in one sitting (``compute_loss``):
+  backbone once through the (possibly DDP/PEFT-wrapped) model -> final hidden states (2B, T, d)
+  -> head pass: plain (``sequence_logps``) or logits-SAM (``logits_sam``) -> preference loss
+  -> metrics with TRL's names. Full SAM wraps ``training_step`` in two passes instead.
+Checkpointing, resume, accumulation, mixed precision, ``report_to`` and DDP come from Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..core import FullSAM, logits_sam, sequence_logps
+from ..core.losses import preference_loss, requires_reference
+from ..diagnostics.squeeze import dpo_metrics, squeeze_metrics
+from ..models import forward_hidden, lm_head_of, reference_context
+from .reference import shift_labels
+
+logger = logging.getLogger("logitsam.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class PreferenceTrainer(Trainer):
+    """Trainer for preference pairs (chosen rows first, then rejected) with an optional SAM mode.
+
+    Args (besides Trainer's):
+        loss_type, beta, loss_params: the preference loss (``logitsam.losses.preference_loss``).
+        sam: "none", "logits" or "full"; sam_rho, sam_norm, sam_adaptive, sam_asam: its settings.
+        chunk_size, vocab_chunk_size: the LM-head chunking of every head pass (None: dense).
+        ref_model: a frozen reference, or None when log-probs are precomputed in the dataset,
+            the loss is reference-free, or ``ref_adapter_off`` (PEFT: the policy without adapters).
+        ref_is_initial_policy: the reference equals the step-0 policy, so "vs step 0" = "vs reference".
+        on_nonfinite: "stop" raises on a non-finite loss; "skip" drops the whole optimizer step.
+    """
+
+    def __init__(self, *args, loss_type="sigmoid", beta=0.1, loss_params=None, sam="none", sam_rho=1e-4,
+                 sam_norm="local", sam_adaptive=False, sam_asam=False, chunk_size=None, vocab_chunk_size=8192,
+                 ref_model=None, ref_adapter_off=False, ref_is_initial_policy=True, on_nonfinite="stop", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_type, self.beta, self.loss_params = loss_type, beta, dict(loss_params or {})
+        self.sam, self.sam_rho, self.sam_norm = sam, sam_rho, sam_norm
+        self.sam_adaptive, self.sam_asam = sam_adaptive, sam_asam
+        self.chunks = {"chunk_size": chunk_size, "vocab_chunk_size": vocab_chunk_size}
+        self.ref_model, self.ref_adapter_off, self.on_nonfinite = ref_model, ref_adapter_off, on_nonfinite
+        self.ref_is_initial_policy = ref_is_initial_policy
+        self.needs_reference = requires_reference(loss_type)
+        # our loss is a mean over pairs: let Trainer divide it by the accumulation steps
+        self.model_accepts_loss_kwargs = False
+        self.full_sam = FullSAM(self.model.parameters(), sam_rho, norm=sam_norm, adaptive=sam_adaptive) \
+            if sam == "full" else None
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._skip_step = False
+        self._record = True
+        logger.info("sam=%s rho=%g norm=%s adaptive=%s asam=%s head=%s", sam, sam_rho, sam_norm, sam_adaptive,
+                    sam_asam, "dense" if chunk_size is None else f"chunked({chunk_size})")
+
+    # ---- reference -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _reference_logps(self, inputs, labels):
+        if not self.needs_reference:
+            return None, None
+        if "ref_chosen_logps" in inputs:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        if self.ref_model is not None:
+            model, ctx = self.ref_model, None
+        elif self.ref_adapter_off:
+            model, ctx = self.model, reference_context(self.model)
+        else:
+            raise ValueError("loss needs reference log-probs, but no reference model or precomputed values exist")
+        if ctx is not None:
+            ctx.__enter__()
+        try:
+            hidden = forward_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+            out = sequence_logps(hidden, lm_head_of(model), labels, with_stats=False, **self.chunks)
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+        return out.chosen_logps.detach(), out.rejected_logps.detach()
+
+    # ---- one micro-batch ---------------------------------------------------------------------
+    def _loss_fn(self, ref_chosen, ref_rejected, keep):
+        def loss_fn(out):
+            losses, chosen_rewards, rejected_rewards = preference_loss(
+                self.loss_type, out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected,
+                beta=self.beta, chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths,
+                **self.loss_params,
+            )
+            keep.append((chosen_rewards.detach(), rejected_rewards.detach()))
+            return losses.mean()
+
+        return loss_fn
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = shift_labels(inputs["labels"])  # (2B, T): the token each position predicts
+        ref_chosen, ref_rejected = self._reference_logps(inputs, labels)
+        hidden = forward_hidden(model, inputs["input_ids"], inputs["attention_mask"])  # (2B, T, d)
+        head = lm_head_of(model)
+        rewards: list = []
+        loss_fn = self._loss_fn(ref_chosen, ref_rejected, rewards)
+        sam_stats = {}
+        if self.sam == "logits" and model.training:
+            loss, stats = logits_sam(hidden, head, labels, loss_fn, self.sam_rho, norm=self.sam_norm,
+                                     adaptive=self.sam_adaptive, asam=self.sam_asam, **self.chunks)
+            out = stats.pop("clean")
+            sam_stats = {f"sam/{k}": v for k, v in stats.items()}
+        else:
+            out = sequence_logps(hidden, head, labels, **self.chunks)
+            loss = loss_fn(out)
+        mode = "train" if model.training else "eval"
+        if not torch.isfinite(loss.detach()):
+            loss = self._handle_nonfinite(loss, hidden)
+        elif self._record:
+            chosen_rewards, rejected_rewards = rewards[0]  # clean-pass rewards
+            self._log_metrics(mode, out.detach(), chosen_rewards, rejected_rewards, ref_chosen, ref_rejected,
+                              inputs, sam_stats)
+        return (loss, {"loss": loss.detach()}) if return_outputs else loss
+
+    def _handle_nonfinite(self, loss, hidden):
+        step = self.state.global_step
+        message = (f"non-finite loss ({float(loss.detach())}) at step {step}; "
+                   "lower the learning rate or sam_rho, or check the data")
+        if self.on_nonfinite == "stop":
+            raise NonFiniteLossError(message + " (on_nonfinite=stop: no checkpoint is written from this state)")
+        logger.warning("%s: skipping this optimizer step (on_nonfinite=skip)", message)
+        self._skip_step = True
+        self._metrics["train"]["nonfinite_skipped"].append(1.0)
+        return hidden.new_zeros((), requires_grad=True)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.full_sam is None:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        else:
+            loss = self._full_sam_step(model, inputs, num_items_in_batch)
+        if self._skip_step:
+            # drop the accumulated gradients: AdamW and friends skip parameters whose grad is None
+            model.zero_grad(set_to_none=True)
+            self._skip_step = False
+        return loss
+
+    def _full_sam_step(self, model, inputs, num_items_in_batch):
+        """Two passes on this micro-batch: gradient at w, ascend to w + eps, gradient there, restore w."""
+        params = self.full_sam.params
+        earlier = [p.grad for p in params]  # gradients accumulated from earlier micro-batches
+        for p in params:
+            p.grad = None
+        loss_pre = super().training_step(model, inputs, num_items_in_batch)
+        if self._skip_step:
+            return loss_pre
+        grad_norm = self.full_sam.first_step()
+        model.zero_grad(set_to_none=True)
+        self._record = False
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._record = True
+            self.full_sam.second_step()
+        for p, g in zip(params, earlier, strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        scale = self.current_gradient_accumulation_steps
+        self._metrics["train"]["sam/loss_pre"].append(float(loss_pre) * scale)
+        self._metrics["train"]["sam/loss_post"].append(float(loss) * scale)
+        self._metrics["train"]["sam/grad_norm"].append(grad_norm)
+        return loss
+
+    # ---- metrics -----------------------------------------------------------------------------
+    def _log_metrics(self, mode, out, chosen_rewards, rejected_rewards, ref_chosen, ref_rejected, inputs, extra):
+        gather = self.accelerator.gather_for_metrics
+        init = (inputs.get("init_chosen_logps"), inputs.get("init_rejected_logps"))
+        if init[0] is None and self.ref_is_initial_policy:
+            init = (ref_chosen, ref_rejected)  # the reference is the step-0 policy
+        metrics = dpo_metrics(chosen_rewards, rejected_rewards, out)
+        metrics.update(squeeze_metrics(out, ref_chosen, ref_rejected, *init))
+        metrics.update(extra)
+        store = self._metrics[mode]
+        for key, value in metrics.items():
+            value = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device)
+            store[key].append(float(gather(value.reshape(1)).mean()))
+
+    def log(self, logs, start_time=None):
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._metrics[mode].items():
+            values = [v for v in values if not math.isnan(v)]
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ---- never save a poisoned state ---------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteLossError(f"refusing to checkpoint at step {self.state.global_step}: "
+                                     f"non-finite values in {bad[:3]}{'...' if len(bad) > 3 else ''}")
+        return super()._save_checkpoint(model, trial)
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Appends every log record to ``output_dir/metrics.jsonl``; on resume, drops records past the checkpoint."""
+
+    def __init__(self, output_dir):
+        self.path = Path(output_dir) / "metrics.jsonl"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
