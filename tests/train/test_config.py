@@ -48,3 +48,11 @@ def test_recipes_parse():
     assert recipes, "no recipes found"
     for recipe in recipes:
         build_config(recipe)
+
+
+def test_numbers_without_a_dot_are_numbers(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 5e-6\nsam_rho: 1e-4\n")
+    cfg = build_config(recipe, {"beta": "2e-1", "max_steps": "7"})
+    assert cfg.training_args == {"learning_rate": 5e-6, "max_steps": 7}
+    assert cfg.sam_rho == 1e-4 and cfg.beta == 0.2

@@ -68,7 +68,7 @@ def hutchinson_trace(
 
     Args:
         loss_fn: builds a scalar loss from ``params`` (call it inside, so the graph is fresh).
-        params: tensors with ``requires_grad=True``; the trace is over their concatenation.
+        params: tensors with ``requires_grad=True``, on one device; the trace is over their concatenation.
         num_probes: K >= 1 (stderr is NaN for K = 1).
         seed: seeds a generator on the parameters' device; the caller's global RNG is untouched.
         distribution: ``"rademacher"`` or ``"gaussian"``.

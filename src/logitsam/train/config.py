@@ -156,10 +156,18 @@ def known_keys() -> list[str]:
     return ours + list(_training_arg_fields())
 
 
-def _coerce(value: str) -> Any:
-    """A command-line string as YAML would read it: numbers, booleans, null, lists."""
+def _coerce(value: Any) -> Any:
+    """A command-line string as YAML would read it (booleans, null, lists), numbers like 1e-4 included.
+
+    YAML 1.1 reads ``1e-4`` (no dot) as a string; users mean a number, so plain numbers are parsed first.
+    """
     if not isinstance(value, str):
         return value
+    for number in (int, float):
+        try:
+            return number(value)
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(value)
     except yaml.YAMLError:
@@ -176,7 +184,7 @@ def build_config(config_file: str | Path | None = None, overrides: dict[str, Any
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a recipe must be a mapping of key: value, got {type(loaded).__name__}")
-        values.update(loaded)
+        values.update({k: _coerce(v) for k, v in loaded.items()})
     for key, value in (overrides or {}).items():
         values[key] = _coerce(value)
     ours = {f.name for f in dataclasses.fields(TrainConfig)} - {"training_args"}

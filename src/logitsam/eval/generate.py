@@ -1,0 +1,110 @@
+"""Batched, seeded sampling of responses for judged evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+Prompt = str | list[dict[str, str]]
+
+
+def render_prompt(tokenizer: Any, prompt: Prompt, apply_chat_template: bool | None = None) -> tuple[str, bool]:
+    """The prompt text and whether the tokenizer should add its special tokens.
+
+    Same rule as training (``logitsam.data`` tokenisation): a message list is rendered with the chat
+    template (``add_generation_prompt=True``); a string is used as-is, or as one user message with
+    ``apply_chat_template=True``. A chat-rendered prompt gets no extra special tokens (the template
+    writes them); a raw string gets them (a BOS where the tokenizer adds one).
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    is_messages = isinstance(prompt, list)
+    use_template = apply_chat_template or (apply_chat_template is None and is_messages)
+    if not use_template:
+        if is_messages:
+            raise ValueError("a message-list prompt needs apply_chat_template=None or True; render it to a "
+                             "string first (e.g. logitsam.data.render_hh_transcript) to use it raw")
+        return prompt, True
+    if not has_template:
+        raise ValueError("the tokenizer has no chat_template; pass string prompts (e.g. rendered with "
+                         "logitsam.data.render_hh_transcript) or a tokenizer with a template")
+    messages = prompt if is_messages else [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, T - len(r):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_responses(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 8,
+    seed: int = 0,
+    apply_chat_template: bool | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Sample one response per prompt, in order, deterministically for a given seed and batch size.
+
+    Prompts are rendered by ``render_prompt``, left-padded (so every row's new tokens start at the same
+    column), and sampled with ``model.generate``. ``temperature=0`` decodes greedily; otherwise plain
+    ancestral sampling with nucleus ``top_p`` and, if ``top_k > 0``, top-k (our arguments override any
+    sampling settings in the model's ``generation_config``). Batch ``k`` draws from
+    ``torch.manual_seed(seed + k)`` inside ``torch.random.fork_rng``, so the caller's global RNG state
+    is untouched. The model runs in eval mode (restored afterwards); special tokens are stripped from
+    the decoded text.
+
+    Args:
+        model: a causal LM (the device is taken from its parameters).
+        tokenizer: its tokenizer; needs a pad or an eos token.
+        prompts: strings or chat message lists.
+    Returns:
+        One decoded response per prompt.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must both be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token")
+    device = next(model.parameters()).device
+    encoded = []
+    for prompt in prompts:
+        text, special = render_prompt(tokenizer, prompt, apply_chat_template)
+        encoded.append(tokenizer(text, add_special_tokens=special)["input_ids"])
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    was_training = model.training
+    model.eval()
+    responses: list[str] = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for k, start in enumerate(tqdm(range(0, len(encoded), batch_size), desc="generate",
+                                           disable=not progress)):
+                ids, mask = _left_pad(encoded[start:start + batch_size], pad_id)
+                torch.manual_seed(seed + k)
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                    pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling,
+                )
+                new = out[:, ids.shape[1]:]  # (b, <= max_new_tokens)
+                responses.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return responses
