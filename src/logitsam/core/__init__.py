@@ -1,6 +1,6 @@
 """Pure math: preference losses, LM-head log-prob ops and the SAM steps. Imports torch only."""
 
-from .head import IGNORE_INDEX, HeadOutput, dense_head_logps
+from .head import IGNORE_INDEX, HeadOutput, dense_head_logps, shift_labels
 from .head_chunked import chunked_head_logps
 from .sam import FullSAM, head_fn, logits_sam, sam_perturbation, sequence_logps
 
@@ -14,4 +14,5 @@ __all__ = [
     "logits_sam",
     "sam_perturbation",
     "sequence_logps",
+    "shift_labels",
 ]

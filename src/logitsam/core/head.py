@@ -81,6 +81,13 @@ class HeadOutput:
         return HeadOutput(**{k: v.detach() if torch.is_tensor(v) else v for k, v in values.items()})
 
 
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with input_ids (R, T) -> the token each position predicts (-100 at the end)."""
+    shifted = labels.new_full(labels.shape, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted
+
+
 def valid_tokens(hidden: torch.Tensor, labels: torch.Tensor):
     """Select the completion positions: returns ``(h (n, d), targets (n,), flat_index (n,), row (n,))``."""
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:

@@ -71,6 +71,8 @@ class TrainConfig:
     sam_vocab_chunk_size: int | None = _f(8192, "Vocabulary slice of the chunked head.")
     sam_adaptive: bool = _f(False, "The authors' |W|-scaled perturbation (logits mode).")
     sam_asam: bool = _f(False, "True ASAM (Kwon et al. 2021) perturbation.")
+    # reporting
+    variant: str | None = _f(None, "A label for reports and `logitsam compare` (default: derived from sam/loss/rho).")
     # robustness
     on_nonfinite: str = _f("stop", "A non-finite loss: 'stop' the run with a message, or 'skip' the step.")
     # TrainingArguments pass-through (output_dir, max_steps, learning_rate, ...)

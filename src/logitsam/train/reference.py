@@ -16,18 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import sequence_logps
+from ..core.head import shift_labels
 from ..data import PreferenceCollator
 from ..models import cache_root, forward_hidden, lm_head_of, reference_context
 
 logger = logging.getLogger("logitsam.train")
 COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """(R, T) labels aligned with input_ids -> the token each position predicts (-100 at the end)."""
-    shifted = labels.new_full(labels.shape, -100)
-    shifted[:, :-1] = labels[:, 1:]
-    return shifted
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

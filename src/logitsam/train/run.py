@@ -5,6 +5,7 @@ The only code that reads ``TrainConfig``; everything it calls takes plain argume
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ..data import PreferenceCollator, build_preference_dataset, train_eval_spli
 from ..models import load_model, load_reference, load_tokenizer
 from .config import TrainConfig, save_config
 from .reference import add_reference_columns, cached_reference_logps
-from .trainer import MetricsJsonlCallback, PreferenceTrainer
+from .trainer import CostCallback, MetricsJsonlCallback, PreferenceTrainer
 
 logger = logging.getLogger("logitsam.train")
 
@@ -33,6 +34,13 @@ TRAINING_DEFAULTS = {
     "lr_scheduler_type": "linear",
     "warmup_steps": 0.1,
 }
+
+
+def variant_name(cfg: TrainConfig) -> str:
+    loss = cfg.loss_type if isinstance(cfg.loss_type, str) else "+".join(cfg.loss_type)
+    if cfg.sam == "none":
+        return loss
+    return f"{loss}+{cfg.sam}-sam(rho={cfg.sam_rho:g})"
 
 
 def build_training_args(cfg: TrainConfig) -> TrainingArguments:
@@ -104,7 +112,7 @@ def run_training(cfg: TrainConfig) -> dict:
         sam_norm=cfg.sam_norm, sam_adaptive=cfg.sam_adaptive, sam_asam=cfg.sam_asam,
         chunk_size=cfg.sam_chunk_size, vocab_chunk_size=cfg.sam_vocab_chunk_size, ref_model=ref_model,
         ref_adapter_off=ref_adapter_off, ref_is_initial_policy=cfg.ref_model_name_or_path is None,
-        on_nonfinite=cfg.on_nonfinite, callbacks=[MetricsJsonlCallback(out_dir)],
+        on_nonfinite=cfg.on_nonfinite, callbacks=[MetricsJsonlCallback(out_dir), cost := CostCallback()],
     )
     resume = cfg.training_args.get("resume_from_checkpoint")
     result = trainer.train(resume_from_checkpoint=resume)
@@ -113,6 +121,9 @@ def run_training(cfg: TrainConfig) -> dict:
         final_metrics.update(trainer.evaluate())
     trainer.save_model(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+    info = {"variant": cfg.variant or variant_name(cfg), "seed": args.seed, **cost.summary(),
+            "global_step": trainer.state.global_step}
+    (out_dir / "run_info.json").write_text(json.dumps(info, indent=2))
     logger.info("saved the final model to %s", out_dir)
     return {"output_dir": str(out_dir), "metrics": final_metrics, "global_step": trainer.state.global_step,
             "data": {k: {"read": r.rows_read, "dropped": r.dropped, "by_reason": dict(r.counts)}

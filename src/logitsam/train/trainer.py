@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
+import statistics
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,10 +22,10 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..core import FullSAM, logits_sam, sequence_logps
+from ..core.head import shift_labels
 from ..core.losses import preference_loss, requires_reference
 from ..diagnostics.squeeze import dpo_metrics, squeeze_metrics
 from ..models import forward_hidden, lm_head_of, reference_context
-from .reference import shift_labels
 
 logger = logging.getLogger("logitsam.train")
 
@@ -211,6 +214,41 @@ class PreferenceTrainer(Trainer):
             raise NonFiniteLossError(f"refusing to checkpoint at step {self.state.global_step}: "
                                      f"non-finite values in {bad[:3]}{'...' if len(bad) > 3 else ''}")
         return super()._save_checkpoint(model, trial)
+
+
+class CostCallback(TrainerCallback):
+    """Seconds per optimizer step (median, first step excluded as warm-up) and peak memory of the run.
+
+    Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's peak resident set
+    size (``ru_maxrss``), which covers everything the process did: run one training per process (as
+    ``logitsam compare`` does) to compare variants.
+    """
+
+    def __init__(self):
+        self.durations: list[float] = []
+        self._start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if self._start is not None:
+            self.durations.append(time.perf_counter() - self._start)
+
+    def summary(self) -> dict:
+        steps = self.durations[1:] or self.durations
+        if torch.cuda.is_available():
+            peak, device = torch.cuda.max_memory_allocated(), "cuda"
+        else:
+            peak, device = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu"
+        return {"seconds_per_step": statistics.median(steps) if steps else None, "steps_timed": len(steps),
+                "peak_memory_bytes": peak, "device": device}
 
 
 class MetricsJsonlCallback(TrainerCallback):

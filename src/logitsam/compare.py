@@ -1,0 +1,88 @@
+"""`logitsam compare`: several variants x seeds from one recipe, evaluated alike, in one report.
+
+Each training run is a fresh process (``python -m logitsam.cli train``), so peak memory and step time
+are measured per run; every seed gives every variant the same data order (Trainer's seeded sampler).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("logitsam.compare")
+
+DEFAULT_VARIANTS = ("dpo:sam=none", "dpo+logits-sam:sam=logits", "dpo+full-sam:sam=full")
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: dict = field(default_factory=dict)
+
+
+def parse_variant(spec: str) -> Variant:
+    """``"name:key=value,key=value"`` -> Variant (``"name"`` alone: no overrides)."""
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"variant {spec!r}: expected key=value, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    if not name:
+        raise ValueError(f"variant {spec!r} has no name")
+    return Variant(name, overrides)
+
+
+def rho_sweep_variants(rhos, base_name: str = "logits-sam") -> list[Variant]:
+    return [Variant(f"{base_name} rho={rho:g}", {"sam": "logits", "sam_rho": f"{rho:g}"}) for rho in rhos]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def train_run(config: str | None, overrides: dict, run_dir: Path, *, log_path: Path) -> None:
+    cmd = [sys.executable, "-m", "logitsam.cli", "train"]
+    if config:
+        cmd += ["--config", str(config)]
+    for key, value in {**overrides, "output_dir": str(run_dir)}.items():
+        cmd += [f"--{key}", str(value)]
+    logger.info("training %s", run_dir)
+    with log_path.open("w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"training {run_dir} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+
+
+def run_compare(config: str | None, output_dir: str | Path, *, variants: list[Variant], seeds: list[int],
+                overrides: dict | None = None, eval_kwargs: dict | None = None, title: str = "logitsam compare",
+                baseline: str | None = None, skip_existing: bool = True) -> dict:
+    """Train every variant for every seed, evaluate each run, and build the report."""
+    from .report import build_report, format_table
+
+    out = Path(output_dir)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    run_dirs = []
+    for seed in seeds:
+        for variant in variants:
+            run_dir = out / "runs" / _slug(variant.name) / f"seed-{seed}"
+            done = (run_dir / "run_info.json").exists()
+            if not (done and skip_existing):
+                params = {**(overrides or {}), **variant.overrides, "seed": seed, "variant": variant.name}
+                train_run(config, params, run_dir, log_path=out / "logs" / f"{_slug(variant.name)}-seed{seed}.log")
+            else:
+                logger.info("reusing finished run %s", run_dir)
+            if eval_kwargs and not (run_dir / "eval_results.json").exists():
+                from .eval.run import evaluate
+
+                evaluate(str(run_dir), output_dir=run_dir, seed=seed, **eval_kwargs)
+            run_dirs.append(run_dir)
+    result = build_report(run_dirs, out, title=title, baseline=baseline)
+    table = format_table(result["summary"])
+    (out / "summary.md").write_text(table + "\n")
+    return {**result, "table": table, "run_dirs": [str(d) for d in run_dirs]}

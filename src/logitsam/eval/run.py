@@ -1,0 +1,205 @@
+"""`logitsam eval`: a checkpoint (or the initial model) against a reference on held-out pairs.
+
+Three groups of numbers, written flat to ``eval_results.json``:
+- ``eval/*``: implicit-reward preference accuracy, margin and loss on held-out pairs;
+- ``shift/*``: held-out log-prob shifts vs the reference (the squeeze diagnostics, unperturbed head);
+- ``winrate/<judge>/*``: judged generations of policy vs reference with a confidence interval;
+- ``flatness/*``: Hutchinson estimate of the parameter-Hessian trace of the preference loss, and the
+  closed-form logit-Hessian trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
+
+from ..core import HeadOutput, sequence_logps, shift_labels
+from ..core.losses import preference_loss
+from ..data import PreferenceCollator, build_preference_dataset, load_preference_examples
+from ..diagnostics import hutchinson_trace, squeeze_metrics
+from ..models import forward_hidden, lm_head_of, load_model, load_tokenizer
+from .generate import generate_responses
+from .judges import make_judge
+from .stats import win_rate
+
+logger = logging.getLogger("logitsam.eval")
+
+
+def initial_model_of(checkpoint: str | Path) -> str | None:
+    """The model a logitsam run started from (its ``logitsam_config.yaml``), or None."""
+    for path in (Path(checkpoint) / "logitsam_config.yaml", Path(checkpoint).parent / "logitsam_config.yaml"):
+        if path.exists():
+            return (yaml.safe_load(path.read_text()) or {}).get("model_name_or_path")
+    return None
+
+
+def _batches(dataset, batch_size, pad_token_id):
+    collate = PreferenceCollator(pad_token_id)
+    for start in range(0, len(dataset), batch_size):
+        yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
+def _concat(outputs: list[HeadOutput]) -> HeadOutput:
+    """Batches of (chosen rows, rejected rows) -> one HeadOutput, all chosen rows first."""
+    def cat(name):
+        if getattr(outputs[0], name) is None:
+            return None
+        chosen = [getattr(o, name)[: o.num_pairs] for o in outputs]
+        rejected = [getattr(o, name)[o.num_pairs:] for o in outputs]
+        return torch.cat(chosen + rejected)
+
+    names = ("logps", "lengths", "entropy", "argmax_prob", "top1", "sum_p2", "logits_sum")
+    values = {n: cat(n) for n in names}
+    return HeadOutput(token_logps=values["logps"][:, None], vocab_size=outputs[0].vocab_size, **values)
+
+
+@torch.no_grad()
+def pair_outputs(model, dataset, *, pad_token_id, batch_size=8, chunk_size=None, desc="log-probs") -> HeadOutput:
+    """Unperturbed head pass with statistics over every pair of ``dataset`` (chosen rows first)."""
+    device = next(model.parameters()).device
+    model.eval()
+    outputs = []
+    for batch in tqdm(list(_batches(dataset, batch_size, pad_token_id)), desc=desc, unit="batch"):
+        hidden = forward_hidden(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        out = sequence_logps(hidden, lm_head_of(model), shift_labels(batch["labels"]).to(device), chunk_size=chunk_size)
+        outputs.append(out.detach())
+    return _concat(outputs)
+
+
+def preference_metrics(policy: HeadOutput, ref: HeadOutput | None, loss_type, beta, loss_params) -> dict:
+    losses, chosen, rejected = preference_loss(
+        loss_type, policy.chosen_logps, policy.rejected_logps,
+        None if ref is None else ref.chosen_logps, None if ref is None else ref.rejected_logps,
+        beta=beta, chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
+        **(loss_params or {}),
+    )
+    return {
+        "eval/loss": float(losses.mean()),
+        "eval/preference_accuracy": float((chosen > rejected).float().mean()),
+        "eval/margin": float((chosen - rejected).mean()),
+        "eval/chosen_reward": float(chosen.mean()),
+        "eval/rejected_reward": float(rejected.mean()),
+        "eval/num_pairs": policy.num_pairs,
+    }
+
+
+def hessian_trace_of_loss(model, dataset, *, pad_token_id, ref: HeadOutput | None, loss_type, beta, loss_params,
+                          batch_size, num_batches, num_probes, seed, head_only=False) -> tuple[float, float]:
+    """Hutchinson estimate of tr(d^2 L / d theta^2) of the preference loss, averaged over batches."""
+    device = next(model.parameters()).device
+    params = [p for p in (lm_head_of(model).parameters() if head_only else model.parameters()) if p.requires_grad]
+    estimates, variances = [], []
+    model.eval()
+    for b, batch in enumerate(_batches(dataset, batch_size, pad_token_id)):
+        if b >= num_batches:
+            break
+        lo, hi = b * batch_size, b * batch_size + batch["input_ids"].shape[0] // 2
+        ref_c = None if ref is None else ref.chosen_logps[lo:hi].to(device)
+        ref_r = None if ref is None else ref.rejected_logps[lo:hi].to(device)
+
+        def loss_fn(batch=batch, ref_c=ref_c, ref_r=ref_r):
+            hidden = forward_hidden(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            out = sequence_logps(hidden, lm_head_of(model), shift_labels(batch["labels"]).to(device),
+                                 with_stats=False)
+            losses, _, _ = preference_loss(loss_type, out.chosen_logps, out.rejected_logps, ref_c, ref_r, beta=beta,
+                                           chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths,
+                                           **(loss_params or {}))
+            return losses.mean()
+
+        # double backward: the fused CPU/GPU attention kernels have no second derivative; use the math one
+        with sdpa_kernel([SDPBackend.MATH]):
+            mean, stderr = hutchinson_trace(loss_fn, params, num_probes=num_probes, seed=seed + b)
+        estimates.append(mean)
+        variances.append(stderr**2 if stderr == stderr else 0.0)
+    n = len(estimates)
+    return sum(estimates) / n, (sum(variances) ** 0.5) / n
+
+
+def _prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def judged_win_rates(policy, reference, tokenizer, prompts, judges, *, max_new_tokens, temperature, top_p,
+                     batch_size, seed) -> tuple[dict, list[dict]]:
+    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
+    policy_out = generate_responses(policy, tokenizer, prompts, **gen)
+    ref_out = generate_responses(reference, tokenizer, prompts, **gen)
+    texts = [_prompt_text(p) for p in prompts]
+    results, samples = {}, [{"prompt": t, "policy": a, "reference": b} for t, a, b in zip(texts, policy_out, ref_out,
+                                                                                          strict=True)]
+    for spec in judges:
+        judge = make_judge(spec)
+        a, b = judge.score(texts, policy_out), judge.score(texts, ref_out)
+        stats = win_rate(a, b)
+        name = judge.name
+        results.update({f"winrate/{name}/{k}": v for k, v in stats.items()})
+        results[f"winrate/{name}/policy_mean"] = sum(a) / len(a)
+        results[f"winrate/{name}/reference_mean"] = sum(b) / len(b)
+        for row, sa, sb in zip(samples, a, b, strict=True):
+            row[f"{name}_policy"], row[f"{name}_reference"] = sa, sb
+    return results, samples
+
+
+def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test", data_format: str = "auto",
+             max_samples: int | None = None, max_length: int = 512, max_prompt_length: int | None = 256,
+             truncation_mode: str = "keep_end", on_invalid: str = "drop", ref_model_name_or_path: str | None = None,
+             loss_type="sigmoid", beta: float = 0.1, loss_params: dict | None = None, batch_size: int = 8,
+             chunk_size: int | None = None, judges=("vader",), prompts: list | None = None, num_prompts: int = 64,
+             max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0, gen_batch_size: int = 16,
+             seed: int = 0, hessian_probes: int = 0, hessian_batches: int = 1, hessian_head_only: bool = False,
+             output_dir: str | Path | None = None, dtype: str = "float32") -> dict:
+    """Evaluate ``model_name_or_path`` against a reference (default: the model its run started from)."""
+    ref_name = ref_model_name_or_path or initial_model_of(model_name_or_path)
+    tokenizer = load_tokenizer(model_name_or_path)
+    policy = load_model(model_name_or_path, dtype=dtype)
+    reference = None
+    if ref_name is not None:
+        reference = policy if str(ref_name) == str(model_name_or_path) else load_model(ref_name, dtype=dtype)
+    dataset, report = build_preference_dataset(
+        dataset_name, tokenizer, split=split, data_format=data_format, max_length=max_length,
+        max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, on_invalid=on_invalid,
+        max_samples=max_samples)
+    pad = tokenizer.pad_token_id
+    results: dict = {"model": str(model_name_or_path), "reference": None if ref_name is None else str(ref_name),
+                     "dataset": str(dataset_name), "split": split, "dropped_rows": report.dropped}
+    pol = pair_outputs(policy, dataset, pad_token_id=pad, batch_size=batch_size, chunk_size=chunk_size,
+                       desc="policy log-probs")
+    ref = None
+    if reference is not None:
+        ref = pol if reference is policy else pair_outputs(reference, dataset, pad_token_id=pad, batch_size=batch_size,
+                                                           chunk_size=chunk_size, desc="reference log-probs")
+    results.update(preference_metrics(pol, ref, loss_type, beta, loss_params))
+    shifts = squeeze_metrics(pol, *((ref.chosen_logps, ref.rejected_logps) if ref is not None else ()))
+    results.update({k.replace("squeeze/", "shift/"): v for k, v in shifts.items()})
+    results["flatness/logit_hessian_trace"] = shifts.get("squeeze/logit_hessian_trace")
+    samples = []
+    if judges and reference is not None and reference is not policy:
+        if prompts is None:
+            examples, _ = load_preference_examples(dataset_name, split=split, data_format=data_format,
+                                                   on_invalid="drop", max_samples=max_samples)
+            prompts = [e["prompt"] for e in examples]
+        prompts = prompts[:num_prompts]
+        wins, samples = judged_win_rates(policy, reference, tokenizer, prompts, judges, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_p=top_p, batch_size=gen_batch_size, seed=seed)
+        results.update(wins)
+    if hessian_probes > 0:
+        mean, stderr = hessian_trace_of_loss(policy, dataset, pad_token_id=pad, ref=ref, loss_type=loss_type,
+                                             beta=beta, loss_params=loss_params, batch_size=batch_size,
+                                             num_batches=hessian_batches, num_probes=hessian_probes, seed=seed,
+                                             head_only=hessian_head_only)
+        results["flatness/hessian_trace"], results["flatness/hessian_trace_stderr"] = mean, stderr
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_results.json").write_text(json.dumps(results, indent=2))
+        if samples:
+            with (out / "eval_samples.jsonl").open("w") as f:
+                f.writelines(json.dumps(s) + "\n" for s in samples)
+        logger.info("wrote %s", out / "eval_results.json")
+    return results

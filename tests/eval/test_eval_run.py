@@ -1,0 +1,96 @@
+"""`evaluate` and `run_ches` end to end on a tiny random model, checked against direct computations."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer
+
+from logitsam.eval.ches import rows_to_drop, run_ches
+from logitsam.eval.run import evaluate
+
+WORDS = ["good", "bad", "fine", "great", "awful", "nice", "poor", "kind"]
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    rows = [{"prompt": f"Tell me {i}:", "chosen": f" {WORDS[i % 8]} day", "rejected": f" {WORDS[(i + 3) % 8]} x{i}"}
+            for i in range(10)]
+    rows.insert(4, {"prompt": "Broken", "chosen": "same", "rejected": "same"})  # invalid: identical
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def two_models(tmp_path):
+    tok = make_tiny_tokenizer()
+    dirs = []
+    for seed in (0, 1):
+        out = tmp_path / f"model{seed}"
+        make_tiny_llama(vocab_size=len(tok), tie=True, seed=seed).save_pretrained(out)
+        tok.save_pretrained(out)
+        dirs.append(out)
+    return dirs
+
+
+def direct_logps(model_dir, text_prompt, completion, tok):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    p = tok(text_prompt, add_special_tokens=False)["input_ids"]
+    c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([p + c])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits.log_softmax(-1)[0]
+    return sum(float(logp[len(p) + i - 1, t]) for i, t in enumerate(c))
+
+
+def test_evaluate_matches_direct_computation(pairs_file, two_models, tmp_path):
+    policy, reference = two_models
+    res = evaluate(str(policy), ref_model_name_or_path=str(reference), dataset_name=str(pairs_file), split="train",
+                   max_length=64, max_prompt_length=32, judges=("vader",), num_prompts=4, max_new_tokens=6,
+                   hessian_probes=3, hessian_batches=1, batch_size=4, output_dir=tmp_path / "eval")
+    assert res["eval/num_pairs"] == 10 and res["dropped_rows"] == 1
+    # recompute pair 0's implicit reward margin directly from full-model log-probs
+    tok = make_tiny_tokenizer()
+    beta = 0.1
+    margins = []
+    for i in range(10):
+        prompt = f"Tell me {i}:"
+        ch, rj = f" {WORDS[i % 8]} day", f" {WORDS[(i + 3) % 8]} x{i}"
+        r_c = beta * (direct_logps(policy, prompt, ch, tok) - direct_logps(reference, prompt, ch, tok))
+        r_r = beta * (direct_logps(policy, prompt, rj, tok) - direct_logps(reference, prompt, rj, tok))
+        margins.append(r_c - r_r)
+    assert res["eval/margin"] == pytest.approx(sum(margins) / 10, abs=1e-4)
+    assert res["eval/preference_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 10)
+    assert 0.0 <= res["winrate/vader/ci_low"] <= res["winrate/vader/win_rate"] <= res["winrate/vader/ci_high"] <= 1
+    assert res["winrate/vader/n"] == 4
+    assert res["flatness/hessian_trace"] == res["flatness/hessian_trace"]  # finite number, not NaN
+    saved = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert saved["eval/margin"] == res["eval/margin"]
+    assert len((tmp_path / "eval" / "eval_samples.jsonl").read_text().splitlines()) == 4
+
+
+def test_evaluate_initial_model_against_itself(pairs_file, two_models):
+    policy, _ = two_models
+    res = evaluate(str(policy), ref_model_name_or_path=str(policy), dataset_name=str(pairs_file), split="train",
+                   max_length=64, max_prompt_length=32, judges=())
+    assert res["eval/margin"] == 0.0 and res["shift/chosen_delta_ref"] == 0.0
+    assert res["shift/displacement_rate"] == 0.0
+
+
+def test_ches_scores_and_filter(pairs_file, two_models, tmp_path):
+    policy, _ = two_models
+    out = tmp_path / "ches"
+    summary = run_ches(str(policy), str(pairs_file), out, split="train", max_length=64, max_prompt_length=32,
+                       batch_size=3, filter_top_percent=30)
+    records = [json.loads(line) for line in (out / "ches_scores.jsonl").read_text().splitlines()]
+    assert len(records) == 10 and summary["removed_top"] == 3
+    top = sorted(records, key=lambda r: r["ches"], reverse=True)[:3]
+    kept = [json.loads(line) for line in (out / "filtered.jsonl").read_text().splitlines()]
+    assert len(kept) == 10 - 3  # top 30 % and the invalid row are gone
+    source = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    assert kept == [r for i, r in enumerate(source) if i not in {t["row"] for t in top} and i != 4]
+    assert all(0.0 <= r["edit_distance"] <= 1.0 for r in records)
+    assert rows_to_drop(records, 0) == set()
