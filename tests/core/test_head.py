@@ -35,6 +35,7 @@ def direct(hidden, weight, bias, labels):
         "top1": (logits.argmax(-1) == labels).double(),
         "sum_p2": (p * p).sum(-1),
         "logits_sum": logits.sum(-1),
+        "argmax_logp": logp.max(-1).values,
     }
     out = {k: (v * mask).sum(-1) for k, v in per_tok.items()}
     out["logps"] = tok.sum(-1)
@@ -43,7 +44,7 @@ def direct(hidden, weight, bias, labels):
     return out
 
 
-STAT_FIELDS = ["logps", "entropy", "argmax_prob", "top1", "sum_p2", "logits_sum"]
+STAT_FIELDS = ["logps", "entropy", "argmax_prob", "top1", "sum_p2", "logits_sum", "argmax_logp"]
 
 
 @pytest.mark.parametrize("bias", [True, False])

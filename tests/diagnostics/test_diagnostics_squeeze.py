@@ -41,6 +41,7 @@ def head_and_direct(model, input_ids, attention_mask, labels):
         "logits": logits,
         "token_logp": logp.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1) * mask,
         "argmax_prob": p.max(-1).values,
+        "argmax_logp": logp.max(-1).values,
         "entropy": -(p * logp).sum(-1),
         "top1": (logits.argmax(-1) == labels).double(),
         "hess": torch.stack([torch.diag(pv) - torch.outer(pv, pv) for pv in p.reshape(-1, V)])
@@ -76,7 +77,7 @@ def test_squeeze_metrics_match_dense_softmax(setup):
         assert got[f"squeeze/{side}_logps_per_token"] == pytest.approx((lp[has] / n[has]).mean().item(), rel=1e-5)
         assert got[f"squeeze/{side}_delta_ref"] == pytest.approx((lp - ref_d["logps"][rows]).mean().item(), rel=1e-5)
         assert got[f"squeeze/{side}_delta_init"] == pytest.approx((lp - init[rows]).mean().item(), rel=1e-5)
-        for stat in ("argmax_prob", "entropy", "top1"):
+        for stat in ("argmax_prob", "argmax_logp", "entropy", "top1"):
             assert got[f"squeeze/{stat}_{side}"] == pytest.approx(token_mean(d[stat], mask, rows).item(), rel=1e-5)
     down = d["logps"] < ref_d["logps"]
     assert got["squeeze/displacement_rate"] == pytest.approx(down[:B].double().mean().item())
@@ -111,7 +112,7 @@ def test_optional_keys_and_shapes(setup):
 
 def sequence_logps_without_stats(policy):
     out = policy.detach()
-    for name in ("entropy", "argmax_prob", "top1", "sum_p2", "logits_sum"):
+    for name in ("entropy", "argmax_prob", "top1", "sum_p2", "logits_sum", "argmax_logp"):
         setattr(out, name, None)
     return out
 

@@ -26,7 +26,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 # Columns of the per-token statistics tensor, in order (all computed on completion tokens only).
-STAT_NAMES = ("entropy", "argmax_prob", "top1", "sum_p2", "logits_sum")
+STAT_NAMES = ("entropy", "argmax_prob", "top1", "sum_p2", "logits_sum", "argmax_logp")
 
 
 @dataclass
@@ -39,9 +39,10 @@ class HeadOutput:
         token_logps (R, T): ``log p(labels[r, t])``, 0 at ignored positions. Differentiable.
         logps (R,): per-row sum of ``token_logps`` over completion tokens. Differentiable.
         lengths (R,): completion token counts (int64).
-        entropy, argmax_prob, top1, sum_p2, logits_sum (R,): per-row *sums* over completion tokens of
-            the token entropy ``-sum_v p_v log p_v``, the probability of the argmax token ``p(y*)``,
-            ``1[argmax == label]``, ``sum_v p_v^2`` and ``sum_v z_v`` (raw logits). float32, detached;
+        entropy, argmax_prob, top1, sum_p2, logits_sum, argmax_logp (R,): per-row *sums* over completion
+            tokens of the token entropy ``-sum_v p_v log p_v``, the probability of the argmax token
+            ``p(y*)``, ``1[argmax == label]``, ``sum_v p_v^2``, ``sum_v z_v`` (raw logits) and
+            ``log p(y*)``. float32, detached;
             ``None`` when the pass ran with ``with_stats=False``.
         vocab_size: V.
     """
@@ -55,6 +56,7 @@ class HeadOutput:
     top1: torch.Tensor | None = None
     sum_p2: torch.Tensor | None = None
     logits_sum: torch.Tensor | None = None
+    argmax_logp: torch.Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -125,7 +127,7 @@ def assemble(
     lengths = torch.bincount(row, minlength=R)
     out = HeadOutput(token_logps=token_logps, logps=logps, lengths=lengths, vocab_size=vocab_size)
     if stats is not None:
-        sums = stats.new_zeros(R, stats.shape[1]).index_add(0, row, stats)  # (R, 5)
+        sums = stats.new_zeros(R, stats.shape[1]).index_add(0, row, stats)  # (R, len(STAT_NAMES))
         for j, name in enumerate(STAT_NAMES):
             setattr(out, name, sums[:, j])
     return out
@@ -133,12 +135,12 @@ def assemble(
 
 @torch.no_grad()
 def token_stats(logits: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Dense per-token statistics ``(n, 5)`` in STAT_NAMES order from fp32 logits and log-softmax."""
+    """Dense per-token statistics ``(n, 6)`` in STAT_NAMES order from fp32 logits and log-softmax."""
     p = logp.exp()
     entropy = -(p * logp).sum(-1)
-    p_max, argmax = p.max(-1)
+    logp_max, argmax = logp.max(-1)
     top1 = (argmax == targets).to(p.dtype)
-    return torch.stack([entropy, p_max, top1, (p * p).sum(-1), logits.sum(-1)], dim=1)
+    return torch.stack([entropy, logp_max.exp(), top1, (p * p).sum(-1), logits.sum(-1), logp_max], dim=1)
 
 
 def dense_head_logps(

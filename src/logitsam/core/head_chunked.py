@@ -7,7 +7,7 @@ per-token log-sum-exp and recomputes each logits block in backward, so peak extr
 O(chunk_size x vocab_chunk_size) instead of O(tokens x V).
 
 Per token, with running max m and s = sum_v exp(z_v - m) over the slices seen so far:
-    lse = m + log s,  entropy = lse - sum_v p_v z_v,  p(y*) = 1 / s,  sum_v p_v^2 = q / s^2
+    lse = m + log s,  entropy = lse - sum_v p_v z_v,  p(y*) = 1 / s,  log p(y*) = -log s,  sum_v p_v^2 = q / s^2
 where t = sum_v exp(z_v - m) z_v and q = sum_v exp(2 (z_v - m)) are rescaled like s.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .head import HeadOutput, acc_dtype, assemble, check_targets, valid_tokens
+from .head import STAT_NAMES, HeadOutput, acc_dtype, assemble, check_targets, valid_tokens
 
 DEFAULT_CHUNK_SIZE = 256
 DEFAULT_VOCAB_CHUNK_SIZE = 8192
@@ -44,11 +44,11 @@ def _label_hits(targets, v0, v1):
 
 @torch.no_grad()
 def _forward(h, weight, delta, bias, targets, chunk_size, vocab_chunk_size, with_stats):
-    """Returns lse (n,), label logit (n,) and stats (n, 5) or None, all float32."""
+    """Returns lse (n,), label logit (n,) and stats (n, 6) or None, in the accumulation dtype."""
     n, V, acc = h.shape[0], weight.shape[0], acc_dtype(weight.dtype)
     lse = h.new_empty(n, dtype=acc)
     label_logit = torch.empty_like(lse)
-    stats = h.new_empty(n, 5, dtype=acc) if with_stats else None
+    stats = h.new_empty(n, len(STAT_NAMES), dtype=acc) if with_stats else None
     for i0, i1 in _slices(n, chunk_size):
         h_c, y_c = h[i0:i1], targets[i0:i1]
         m = torch.full((i1 - i0,), float("-inf"), dtype=acc, device=h.device)
@@ -74,7 +74,8 @@ def _forward(h, weight, delta, bias, targets, chunk_size, vocab_chunk_size, with
         label_logit[i0:i1] = y_logit
         if with_stats:
             entropy = lse[i0:i1] - t / s
-            stats[i0:i1] = torch.stack([entropy, 1.0 / s, (amax == y_c).to(acc), q / (s * s), zsum], dim=1)
+            top1 = (amax == y_c).to(acc)
+            stats[i0:i1] = torch.stack([entropy, 1.0 / s, top1, q / (s * s), zsum, -s.log()], dim=1)
     return lse, label_logit, stats
 
 
@@ -120,7 +121,7 @@ def head_backward(h, weight, delta, bias, targets, lse, grad_lp, chunk_size, voc
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """token log-probs (n,) and detached stats (n, 5) from (h, weight [+ delta], bias, targets)."""
+    """token log-probs (n,) and detached stats (n, 6) from (h, weight [+ delta], bias, targets)."""
 
     @staticmethod
     def forward(ctx, h, weight, delta, bias, targets, chunk_size, vocab_chunk_size, with_stats):

@@ -74,6 +74,7 @@ def squeeze_metrics(
     - ``squeeze/both_down_rate``: fraction with both ``log pi(y+) < log ref(y+)`` and
       ``log pi(y-) < log ref(y-)`` (needs both ref values).
     - ``squeeze/argmax_prob_{s}``: per-token mean of ``max_v p_v``, the probability of the argmax token.
+    - ``squeeze/argmax_logp_{s}``: per-token mean of ``log max_v p_v`` (the y* curve of the paper's Fig. 1c).
     - ``squeeze/entropy_{s}``: per-token mean entropy ``-sum_v p_v log p_v`` (nats).
     - ``squeeze/top1_{s}``: per-token rate of ``argmax_v p_v == label``.
     - ``squeeze/logit_hessian_trace``: mean over all 2B rows of ``sum_t (1 - sum_v p_{t,v}^2)``, the
@@ -117,7 +118,7 @@ def squeeze_metrics(
     if chosen_down is not None and rejected_down is not None:
         out["squeeze/both_down_rate"] = (chosen_down & rejected_down).float().mean()
     if policy.sum_p2 is not None:
-        for stat in ("argmax_prob", "entropy", "top1"):
+        for stat in ("argmax_prob", "argmax_logp", "entropy", "top1"):
             values = getattr(policy, stat)
             for side, rows in sides.items():
                 out[f"squeeze/{stat}_{side}"] = _token_mean(values[rows], lengths[rows])

@@ -54,7 +54,7 @@ def _concat(outputs: list[HeadOutput]) -> HeadOutput:
         rejected = [getattr(o, name)[o.num_pairs:] for o in outputs]
         return torch.cat(chosen + rejected)
 
-    names = ("logps", "lengths", "entropy", "argmax_prob", "top1", "sum_p2", "logits_sum")
+    names = ("logps", "lengths", "entropy", "argmax_prob", "top1", "sum_p2", "logits_sum", "argmax_logp")
     values = {n: cat(n) for n in names}
     return HeadOutput(token_logps=values["logps"][:, None], vocab_size=outputs[0].vocab_size, **values)
 
