@@ -78,12 +78,35 @@ def cmd_bench(args, extra):
 
 
 def cmd_theory(args, extra):
+    out = Path(args.output_dir)
+    if args.real:
+        return theory_real(out, args.real_dataset, steps=args.real_steps, rho=args.real_rho)
     from .theory import run_theory
 
-    out = Path(args.output_dir)
     summary = run_theory(out, seeds=args.seeds, progress=True)
     print(f"figures and summary.md written to {out}")
     print(json.dumps(summary, indent=2, default=str)[:4000])
+
+
+def theory_real(out: Path, dataset: str, *, steps: int, rho: float) -> None:
+    """Fig. 1c on the embedded SmolLM2 with real HH pairs: DPO vs DPO + logits-SAM, same seed and data."""
+    from .compare import Variant, run_compare
+    from .report.fig1c import plot_fig1c
+
+    overrides = {"model_name_or_path": "smollm2-135m-instruct", "dataset_name": dataset, "data_format": "hh",
+                 "on_invalid": "drop", "max_samples": 4 * steps + 16, "eval_size": 16, "max_length": 128,
+                 "max_prompt_length": 96, "max_steps": steps, "per_device_train_batch_size": 4,
+                 "learning_rate": 1e-5, "warmup_steps": 0.1, "logging_steps": 1, "save_steps": 100000,
+                 "use_cpu": "true", "report_to": "none"}
+    variants = [Variant("dpo", {"sam": "none"}), Variant("dpo+logits-sam", {"sam": "logits", "sam_rho": rho})]
+    result = run_compare(None, out, variants=variants, seeds=[0], overrides=overrides,
+                         title="Fig. 1c analogue: SmolLM2-135M on HH")
+    runs = {v.name: d for v, d in zip(variants, result["run_dirs"], strict=True)}
+    summary = plot_fig1c(runs, out / "fig1c_smollm2_hh.png",
+                         title=f"SmolLM2-135M-Instruct on HH-RLHF: DPO vs DPO + logits-SAM (rho={rho:g})")
+    (out / "fig1c_summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    print(f"figure: {out / 'fig1c_smollm2_hh.png'}; report: {result['html']}")
 
 
 DATA_ARGS = (("--split", "test"), ("--data_format", "auto"), ("--max_samples", None), ("--max_length", 512),
@@ -282,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("theory", help="the softmax-regression theory lab: checks and figures")
     p.add_argument("--output_dir", default="runs/theory")
     p.add_argument("--seeds", type=int, default=200, help="random problems for the sign-rule statistics")
+    p.add_argument("--real", action="store_true",
+                   help="instead: Fig. 1c on the embedded SmolLM2 with real HH pairs (minutes on a CPU)")
+    p.add_argument("--real_dataset", default="../shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
+    p.add_argument("--real_steps", type=int, default=30)
+    p.add_argument("--real_rho", type=float, default=1e-3)
     p.set_defaults(func=cmd_theory)
     return parser
 
