@@ -94,8 +94,8 @@ def theory_real(out: Path, dataset: str, *, steps: int, rho: float) -> None:
     from .report.fig1c import plot_fig1c
 
     overrides = {"model_name_or_path": "smollm2-135m-instruct", "dataset_name": dataset, "data_format": "hh",
-                 "on_invalid": "drop", "max_samples": 4 * steps + 16, "eval_size": 16, "max_length": 128,
-                 "max_prompt_length": 96, "max_steps": steps, "per_device_train_batch_size": 4,
+                 "on_invalid": "drop", "max_samples": 2 * steps + 8, "eval_size": 8, "max_length": 96,
+                 "max_prompt_length": 64, "max_steps": steps, "per_device_train_batch_size": 2,
                  "learning_rate": 1e-5, "warmup_steps": 0.1, "logging_steps": 1, "save_steps": 100000,
                  "use_cpu": "true", "report_to": "none"}
     variants = [Variant("dpo", {"sam": "none"}), Variant("dpo+logits-sam", {"sam": "logits", "sam_rho": rho})]
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", action="store_true",
                    help="instead: Fig. 1c on the embedded SmolLM2 with real HH pairs (minutes on a CPU)")
     p.add_argument("--real_dataset", default="../shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
-    p.add_argument("--real_steps", type=int, default=30)
+    p.add_argument("--real_steps", type=int, default=24)
     p.add_argument("--real_rho", type=float, default=1e-3)
     p.set_defaults(func=cmd_theory)
     return parser

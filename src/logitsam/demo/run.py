@@ -17,10 +17,10 @@ from .sentiment_data import load_sentiment_paths
 
 # Full demo: about ten minutes on 2 CPU cores (see README for the measured figure).
 FULL = {
-    "train": {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 1e-5, "max_length": 96,
-              "max_prompt_length": 48, "logging_steps": 2, "eval_size": 0, "save_steps": 1000,
-              "warmup_steps": 0.1, "beta": 0.1},
-    "eval": {"num_prompts": 48, "max_new_tokens": 32, "max_samples": 64},
+    "train": {"max_steps": 30, "per_device_train_batch_size": 2, "learning_rate": 1e-5, "max_length": 80,
+              "max_prompt_length": 40, "logging_steps": 1, "eval_size": 0, "save_steps": 1000,
+              "warmup_steps": 0.1, "beta": 0.1, "max_samples": 60},
+    "eval": {"num_prompts": 32, "max_new_tokens": 32, "max_samples": 32},
     "rho": 1e-3,
 }
 QUICK = {

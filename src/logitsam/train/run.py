@@ -36,6 +36,24 @@ TRAINING_DEFAULTS = {
 }
 
 
+def ranks_in_sync(model) -> bool | None:
+    """Under torch.distributed: do all ranks hold the same weights? (None when not distributed.)
+
+    A cheap end-of-run check that gradient synchronisation really happened: a logits-SAM step that
+    bypassed the DDP wrapper would let the replicas drift apart.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    with torch.no_grad():
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+        checksum = checksum.to(next(model.parameters()).device)
+        gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, checksum)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 def variant_name(cfg: TrainConfig) -> str:
     loss = cfg.loss_type if isinstance(cfg.loss_type, str) else "+".join(cfg.loss_type)
     if cfg.sam == "none":
@@ -74,7 +92,8 @@ def run_training(cfg: TrainConfig) -> dict:
     args = build_training_args(cfg)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "logitsam_config.yaml")
+    if args.process_index == 0:
+        save_config(cfg, out_dir / "logitsam_config.yaml")
     torch.manual_seed(args.seed)
 
     tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
@@ -122,8 +141,12 @@ def run_training(cfg: TrainConfig) -> dict:
     trainer.save_model(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     info = {"variant": cfg.variant or variant_name(cfg), "seed": args.seed, **cost.summary(),
-            "global_step": trainer.state.global_step}
-    (out_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+            "global_step": trainer.state.global_step, "world_size": args.world_size,
+            "ranks_in_sync": ranks_in_sync(model)}
+    if info["ranks_in_sync"] is False:
+        logger.error("the ranks' weights differ after training: gradient synchronisation did not happen")
+    if args.process_index == 0:
+        (out_dir / "run_info.json").write_text(json.dumps(info, indent=2))
     logger.info("saved the final model to %s", out_dir)
     return {"output_dir": str(out_dir), "metrics": final_metrics, "global_step": trainer.state.global_step,
             "data": {k: {"read": r.rows_read, "dropped": r.dropped, "by_reason": dict(r.counts)}
