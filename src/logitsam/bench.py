@@ -29,7 +29,7 @@ class BenchConfig:
     vocab_size: int = 49152
     tokens: int = 1024
     rows: int = 4
-    chunk_size: int = 128
+    chunk_size: int = 512
     rho: float = 1e-3
     repeats: int = 5
     device: str = "cpu"

@@ -6,9 +6,7 @@ log-sum-exp (running max ``m``, rescaled sums). The custom autograd function kee
 per-token log-sum-exp and recomputes each logits block in backward, so peak extra memory is
 O(chunk_size x vocab_chunk_size) instead of O(tokens x V).
 
-Per token, with running max m and s = sum_v exp(z_v - m) over the slices seen so far:
-    lse = m + log s,  entropy = lse - sum_v p_v z_v,  p(y*) = 1 / s,  log p(y*) = -log s,  sum_v p_v^2 = q / s^2
-where t = sum_v exp(z_v - m) z_v and q = sum_v exp(2 (z_v - m)) are rescaled like s.
+Per token: lse = m + log s with a running max m and s = sum_v exp(z_v - m) (see ``_forward``).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import torch.nn.functional as F
 
 from .head import STAT_NAMES, HeadOutput, acc_dtype, assemble, check_targets, valid_tokens
 
-DEFAULT_CHUNK_SIZE = 256
+DEFAULT_CHUNK_SIZE = 512
 DEFAULT_VOCAB_CHUNK_SIZE = 8192
 
 
@@ -44,7 +42,14 @@ def _label_hits(targets, v0, v1):
 
 @torch.no_grad()
 def _forward(h, weight, delta, bias, targets, chunk_size, vocab_chunk_size, with_stats):
-    """Returns lse (n,), label logit (n,) and stats (n, 6) or None, in the accumulation dtype."""
+    """Returns lse (n,), label logit (n,) and stats (n, 6) or None, in the accumulation dtype.
+
+    Online log-sum-exp with a running max m and s = sum_v exp(z_v - m). Each block is shifted in place
+    and exponentiated once; the log-probs are computed the same way with or without statistics, so the
+    two modes agree bit for bit. Statistics ride along, rescaled like s:
+        t = sum_v exp(z_v - m) z_v,  q = sum_v exp(2 (z_v - m)),
+        entropy = lse - t / s,  sum_v p_v^2 = q / s^2,  log p(y*) = -log s.
+    """
     n, V, acc = h.shape[0], weight.shape[0], acc_dtype(weight.dtype)
     lse = h.new_empty(n, dtype=acc)
     label_logit = torch.empty_like(lse)
@@ -52,39 +57,42 @@ def _forward(h, weight, delta, bias, targets, chunk_size, vocab_chunk_size, with
     for i0, i1 in _slices(n, chunk_size):
         h_c, y_c = h[i0:i1], targets[i0:i1]
         m = torch.full((i1 - i0,), float("-inf"), dtype=acc, device=h.device)
-        s, t, q, zsum = (torch.zeros_like(m) for _ in range(4))
+        s, t, q, zsum, y_logit = (torch.zeros_like(m) for _ in range(5))
         amax = torch.zeros_like(y_c)
-        y_logit = torch.zeros_like(m)
         for v0, v1 in _slices(V, vocab_chunk_size):
             z = _block_logits(h_c, _block_weight(weight, delta, v0, v1), bias, v0, v1)  # (c, v)
-            z_max, z_arg = z.max(-1)
-            m_new = torch.maximum(m, z_max)
-            scale = (m - m_new).exp()
-            e = (z - m_new[:, None]).exp()
-            s = s * scale + e.sum(-1)
             inside, col = _label_hits(y_c, v0, v1)
             y_logit = torch.where(inside, z.gather(1, col[:, None]).squeeze(1), y_logit)
+            z_max, z_arg = z.max(-1)
             if with_stats:
-                t = t * scale + (e * z).sum(-1)
-                q = q * scale * scale + (e * e).sum(-1)
                 zsum += z.sum(-1)
                 amax = torch.where(z_max > m, z_arg + v0, amax)
+            m_new = torch.maximum(m, z_max)
+            scale = (m - m_new).exp()
+            z.sub_(m_new[:, None])  # z' = z - m_new <= 0
+            if with_stats:
+                e = z.exp()
+                e_sum = e.sum(-1)
+                t = t * scale + torch.einsum("cv,cv->c", e, z) + m_new * e_sum  # sum e z = sum e z' + m sum e
+                q = q * scale * scale + torch.einsum("cv,cv->c", e, e)
+            else:
+                e_sum = z.exp_().sum(-1)
+            s = s * scale + e_sum
             m = m_new
         lse[i0:i1] = m + s.log()
         label_logit[i0:i1] = y_logit
         if with_stats:
-            entropy = lse[i0:i1] - t / s
             top1 = (amax == y_c).to(acc)
-            stats[i0:i1] = torch.stack([entropy, 1.0 / s, top1, q / (s * s), zsum, -s.log()], dim=1)
+            stats[i0:i1] = torch.stack([lse[i0:i1] - t / s, 1.0 / s, top1, q / (s * s), zsum, -s.log()], dim=1)
     return lse, label_logit, stats
 
 
-def _accumulate(out, a, b):
-    """out += a @ b, in place when dtypes match (fp32), else through a temporary."""
+def _accumulate(out, a, b, alpha=1.0):
+    """out += alpha * a @ b, in place when dtypes match (fp32), else through a temporary."""
     if a.dtype == out.dtype:
-        out.addmm_(a, b)
+        out.addmm_(a, b, alpha=alpha)
     else:
-        out += (a @ b).to(out.dtype)
+        out.add_((a @ b).to(out.dtype), alpha=alpha)
 
 
 @torch.no_grad()
@@ -92,8 +100,10 @@ def head_backward(h, weight, delta, bias, targets, lse, grad_lp, chunk_size, voc
     """Gradients of ``sum_i grad_lp[i] log p(targets[i])`` w.r.t. (h, weight, bias), recomputing logits.
 
     The head weight is ``weight + delta`` (delta None: 0); its gradient is also weight's.
-
-    d log p(y_i) / d z_iv = 1[v = y_i] - p_iv, so dz = grad_lp * (onehot - p) block by block.
+    d log p(y_i) / d z_i = onehot(y_i) - p_i, so with g = grad_lp and P = exp(Z - lse):
+        grad_h = g * W[y] - g * (P W),   grad_W = onehot^T (g h) - P^T (g h),   grad_b = onehot^T g - P^T g
+    The per-row factor g is applied to the small (c, d) operands, never to the (c, v) block, so a
+    block costs one matmul, one in-place exp and two matmuls.
     Accumulates in float32 (float64 for float64 inputs); returns a tuple with None for gradients not needed.
     """
     n, V, acc = h.shape[0], weight.shape[0], acc_dtype(weight.dtype)
@@ -102,20 +112,26 @@ def head_backward(h, weight, delta, bias, targets, lse, grad_lp, chunk_size, voc
     grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
     grad_b = torch.zeros(V, dtype=acc, device=h.device) if need_b else None
     for i0, i1 in _slices(n, chunk_size):
-        h_c, y_c, g_c = h[i0:i1], targets[i0:i1], grad_lp[i0:i1].to(acc)
+        h_c, y_c, g_c, lse_c = h[i0:i1], targets[i0:i1], grad_lp[i0:i1].to(acc), lse[i0:i1]
+        gh = (h_c.to(acc) * g_c[:, None]).to(weight.dtype)  # (c, d)
+        # the onehot part: every target row once
+        if need_h:
+            w_y = weight[y_c] if delta is None else weight[y_c] + delta[y_c]
+            grad_h[i0:i1] += g_c[:, None] * w_y.to(acc)
+        if need_w:
+            grad_w.index_add_(0, y_c, gh.to(acc))
+        if need_b:
+            grad_b.index_add_(0, y_c, g_c)
         for v0, v1 in _slices(V, vocab_chunk_size):
             w_block = _block_weight(weight, delta, v0, v1)
-            z = _block_logits(h_c, w_block, bias, v0, v1)
-            dz = (z - lse[i0:i1, None]).exp_().mul_(-g_c[:, None])  # -g * p, (c, v)
-            inside, col = _label_hits(y_c, v0, v1)
-            dz.scatter_add_(1, col[:, None], torch.where(inside, g_c, 0.0)[:, None])
-            dz_mm = dz.to(weight.dtype)
+            p = _block_logits(h_c, w_block, bias, v0, v1).sub_(lse_c[:, None]).exp_()  # (c, v) probabilities
+            p_mm = p.to(weight.dtype)
             if need_h:
-                _accumulate(grad_h[i0:i1], dz_mm, w_block)
+                grad_h[i0:i1].addcmul_((p_mm @ w_block).to(acc), g_c[:, None], value=-1.0)
             if need_w:
-                _accumulate(grad_w[v0:v1], dz_mm.T, h_c.to(weight.dtype))
+                _accumulate(grad_w[v0:v1], p_mm.T, gh, alpha=-1.0)
             if need_b:
-                grad_b[v0:v1] += dz.sum(0)
+                grad_b[v0:v1].addmv_(p.T, g_c, alpha=-1.0)
     cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
     return cast(grad_h, h), cast(grad_w, weight), cast(grad_b, bias)
 
