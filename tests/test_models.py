@@ -385,3 +385,15 @@ def test_embedded_gguf_converts_once_and_matches(monkeypatch, tmp_path):
     torch.testing.assert_close(hidden @ lm_head_of(loaded).weight.T, logits, atol=1e-4, rtol=1e-4)
     paris = tokenizer(" Paris")["input_ids"][0]
     assert logits[0, batch["attention_mask"][0].sum() - 1].argmax() == paris
+
+
+def test_logit_softcapping_models_are_refused():
+    from conftest import make_tiny_llama
+
+    from logitsam.models import check_plain_head, forward_hidden
+
+    model = make_tiny_llama(vocab_size=32)
+    check_plain_head(model)  # a plain Llama head passes
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        forward_hidden(model, torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))

@@ -410,6 +410,23 @@ def has_tied_head(model: nn.Module) -> bool:
     return lm_head_of(model).weight.data_ptr() == inputs.weight.data_ptr()
 
 
+# config attributes that change logits after the head matmul; logits = hidden @ W^T would be wrong
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def check_plain_head(model: nn.Module) -> None:
+    """Raise if the model transforms its logits after the LM head matmul (soft-cap, scale)."""
+    config = getattr(unwrap_model(model), "config", None)
+    text_config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(text_config, name, None)
+        if value not in (None, 0, 1, 1.0):
+            raise ValueError(
+                f"{type(unwrap_model(model)).__name__} applies {name}={value} after the LM head; logitsam computes "
+                "log-probs as hidden @ W^T and does not support such models yet"
+            )
+
+
 def forward_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final (post-norm) hidden states, the LM head's input, without building (B, T, V) logits.
 
@@ -431,6 +448,7 @@ def forward_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         hidden (B, T, d), attached to the autograd graph of the backbone.
     """
     base = unwrap_model(model)
+    check_plain_head(base)
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         raise TypeError(f"{type(base).__name__}.forward has no logits_to_keep; it would build full logits")
     captured: list[torch.Tensor] = []
