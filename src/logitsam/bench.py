@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from .core import logits_sam, sequence_logps
 
 PATHS = ("plain_dense", "plain_chunked", "sam_dense", "sam_chunked")
@@ -108,10 +108,10 @@ def _memory_child(path, cfg, queue):
         return
     # MALLOC_MMAP_THRESHOLD_ (set by the parent) makes large blocks go back to the OS when freed,
     # so the RSS high-water mark minus the RSS before the call is the call's peak extra memory.
-    with open("/proc/self/statm") as f:
-        base = int(f.read().split()[1]) * resource.getpagesize()
+    base = current_rss_bytes()
+    reset_peak_rss()
     run_path(path, cfg, *inputs)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    queue.put(peak_rss_bytes() - base)
 
 
 def peak_memory(path: str, cfg: BenchConfig) -> int:

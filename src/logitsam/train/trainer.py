@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import statistics
 import time
 from collections import defaultdict
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .._memory import peak_rss_bytes
 from ..core import FullSAM, logits_sam, sequence_logps
 from ..core.head import shift_labels
 from ..core.losses import preference_loss, requires_reference
@@ -220,7 +220,7 @@ class CostCallback(TrainerCallback):
     """Seconds per optimizer step (median, first step excluded as warm-up) and peak memory of the run.
 
     Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's peak resident set
-    size (``ru_maxrss``), which covers everything the process did: run one training per process (as
+    size (VmHWM), which covers everything the process did: run one training per process (as
     ``logitsam compare`` does) to compare variants.
     """
 
@@ -246,7 +246,7 @@ class CostCallback(TrainerCallback):
         if torch.cuda.is_available():
             peak, device = torch.cuda.max_memory_allocated(), "cuda"
         else:
-            peak, device = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu"
+            peak, device = peak_rss_bytes(), "cpu"
         return {"seconds_per_step": statistics.median(steps) if steps else None, "steps_timed": len(steps),
                 "peak_memory_bytes": peak, "device": device}
 
