@@ -192,3 +192,31 @@ def test_reference_cache_is_reused(tiny_model_dir, pairs_file, tmp_path, cache, 
     # a different tokenisation gives a new fingerprint
     run_training(config(tiny_model_dir, pairs_file, tmp_path / "three", cache, max_steps=1, max_prompt_length=8))
     assert len(list((cache / "ref_logps").iterdir())) == 4
+
+
+def test_on_the_fly_reference_equals_precomputed(tiny_model_dir, pairs_file, tmp_path, cache):
+    """A frozen reference copy run per batch gives the same training as cached reference log-probs."""
+    a, b = tmp_path / "pre", tmp_path / "fly"
+    run_training(config(tiny_model_dir, pairs_file, a, cache, max_steps=2, sam="logits"))
+    run_training(config(tiny_model_dir, pairs_file, b, cache, max_steps=2, sam="logits",
+                        precompute_ref_log_probs=False))
+    la, lb = [r for r in records(a) if "loss" in r], [r for r in records(b) if "loss" in r]
+    for ra, rb in zip(la, lb, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6)
+        assert rb["rewards/margins"] == pytest.approx(ra["rewards/margins"], abs=1e-6)
+    wa, wb = final_weights(a), final_weights(b)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_peft_reference_is_the_policy_without_adapters(tiny_model_dir, pairs_file, tmp_path, cache, precompute):
+    out = tmp_path / f"lora-{precompute}"
+    result = run_training(config(tiny_model_dir, pairs_file, out, cache, max_steps=2, sam="logits", use_peft=True,
+                                 lora_r=4, lora_alpha=8, precompute_ref_log_probs=precompute, report_to="tensorboard"))
+    logs = [r for r in records(out) if "loss" in r]
+    # LoRA's B starts at zero: at step 1 the policy equals the adapter-free reference exactly
+    assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert logs[0]["sam/loss_pre"] == pytest.approx(0.693147, abs=1e-5)
+    assert (out / "adapter_model.safetensors").exists() and result["global_step"] == 2
+    assert list(out.rglob("events.out.tfevents*")), "report_to=tensorboard wrote no event file"
