@@ -15,6 +15,7 @@ import math
 import statistics
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -76,19 +77,14 @@ class PreferenceTrainer(Trainer):
         if "ref_chosen_logps" in inputs:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         if self.ref_model is not None:
-            model, ctx = self.ref_model, None
+            model, ctx = self.ref_model, nullcontext()
         elif self.ref_adapter_off:
             model, ctx = self.model, reference_context(self.model)
         else:
             raise ValueError("loss needs reference log-probs, but no reference model or precomputed values exist")
-        if ctx is not None:
-            ctx.__enter__()
-        try:
+        with ctx:
             hidden = forward_hidden(model, inputs["input_ids"], inputs["attention_mask"])
             out = sequence_logps(hidden, lm_head_of(model), labels, with_stats=False, **self.chunks)
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
         return out.chosen_logps.detach(), out.rejected_logps.detach()
 
     # ---- one micro-batch ---------------------------------------------------------------------
