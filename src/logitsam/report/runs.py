@@ -141,6 +141,8 @@ def load_run(path: str | Path) -> Run:
     train, evals = _read_metrics(path / "metrics.jsonl", notes) if "metrics.jsonl" in present else ([], [])
     info = _read_json(path / "run_info.json") if "run_info.json" in present else {}
     results = _read_json(path / "eval_results.json") if "eval_results.json" in present else {}
+    # numbers only: `logitsam eval` also records which model, reference and data it used
+    results = {k: v for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
     variant = info.get("variant") or (derive_variant(config) if config else None)
     if variant is None:
@@ -213,8 +215,10 @@ def last_value(records: Sequence[dict], key: str) -> float | None:
 
 # Where each summary number comes from, in order of preference: (field of Run, key).
 ACCURACY = (("eval", "eval_rewards/accuracies"), ("eval_results", "eval/preference_accuracy"))
-CHOSEN_DELTA = (("eval", "eval_squeeze/chosen_delta_ref"), ("train", "squeeze/chosen_delta_ref"))
-DISPLACEMENT = (("eval", "eval_squeeze/displacement_rate"), ("train", "squeeze/displacement_rate"))
+CHOSEN_DELTA = (("eval", "eval_squeeze/chosen_delta_ref"), ("eval_results", "shift/chosen_delta_ref"),
+                ("train", "squeeze/chosen_delta_ref"))
+DISPLACEMENT = (("eval", "eval_squeeze/displacement_rate"), ("eval_results", "shift/displacement_rate"),
+                ("train", "squeeze/displacement_rate"))
 
 
 def run_value(run: Run, source: str, key: str) -> float | None:
