@@ -18,10 +18,14 @@ CURVES = (
 
 
 def curves(run_dir) -> dict[str, tuple[list[int], list[float]]]:
+    """Step -> value per quantity, from the eval records (a fixed held-out set: true trajectories) when
+    the run logged any, else from the training batches (a different batch every step)."""
     run = load_run(run_dir)
     out = {}
     for key, _ in CURVES:
-        points = [(r["step"], r[key]) for r in run.train if key in r]
+        points = [(r["step"], r["eval_" + key]) for r in run.eval if "eval_" + key in r]
+        if not points:
+            points = [(r["step"], r[key]) for r in run.train if key in r]
         out[key] = ([s for s, _ in points], [v for _, v in points])
     return out
 
@@ -50,8 +54,8 @@ def plot_fig1c(run_dirs: dict[str, str | Path], path: str | Path, *, title: str)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.text(0.5, 0.005, "Per-token log-probs on the training batches (clean head pass); squeezing shows as "
-             "log p(y*) rising while log p(y+) falls.", ha="center", fontsize=9)
+    fig.text(0.5, 0.005, "Per-token log-probs on a fixed held-out set (unperturbed head) every few steps; "
+             "squeezing shows as log p(y*) rising while log p(y+) falls.", ha="center", fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
