@@ -96,7 +96,7 @@ def theory_real(out: Path, dataset: str, *, steps: int, rho: float) -> None:
     overrides = {"model_name_or_path": "smollm2-135m-instruct", "dataset_name": dataset, "data_format": "hh",
                  "on_invalid": "drop", "max_samples": 2 * steps + 16, "eval_size": 16, "max_length": 96,
                  "max_prompt_length": 64, "max_steps": steps, "per_device_train_batch_size": 2,
-                 "eval_strategy": "steps", "eval_steps": 2, "per_device_eval_batch_size": 8,
+                 "eval_strategy": "steps", "eval_steps": 2, "eval_on_start": "true", "per_device_eval_batch_size": 8,
                  "learning_rate": 1e-5, "warmup_steps": 0.1, "logging_steps": 1, "save_steps": 100000,
                  "use_cpu": "true", "report_to": "none"}
     variants = [Variant("dpo", {"sam": "none"}), Variant("dpo+logits-sam", {"sam": "logits", "sam_rho": rho})]
