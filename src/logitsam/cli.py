@@ -142,7 +142,7 @@ def cmd_eval(args, extra):
                       top_p=args.top_p, gen_batch_size=args.gen_batch_size, seed=args.seed,
                       hessian_probes=args.hessian_probes, hessian_batches=args.hessian_batches,
                       hessian_head_only=args.hessian_head_only, output_dir=args.output_dir, **kw)
-    print(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))
+    print(json.dumps(result, indent=2, default=str))
     print(f"results written to {Path(args.output_dir) / 'eval_results.json'}")
 
 

@@ -175,17 +175,20 @@ class PreferenceTrainer(Trainer):
 
     # ---- metrics -----------------------------------------------------------------------------
     def _log_metrics(self, mode, out, chosen_rewards, rejected_rewards, ref_chosen, ref_rejected, inputs, extra):
-        gather = self.accelerator.gather_for_metrics
+        gather = self.accelerator.gather  # per-rank means, not samples: no end-of-data truncation
         init = (inputs.get("init_chosen_logps"), inputs.get("init_rejected_logps"))
         if init[0] is None and self.ref_is_initial_policy:
             init = (ref_chosen, ref_rejected)  # the reference is the step-0 policy
         metrics = dpo_metrics(chosen_rewards, rejected_rewards, out)
         metrics.update(squeeze_metrics(out, ref_chosen, ref_rejected, *init))
         metrics.update(extra)
+        # one collective per step for all metrics: stack, gather (R ranks, K), average over ranks
+        keys = list(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float32, device=self.accelerator.device)
+        means = gather(values[None]).reshape(-1, len(keys)).mean(0).tolist()
         store = self._metrics[mode]
-        for key, value in metrics.items():
-            value = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device)
-            store[key].append(float(gather(value.reshape(1)).mean()))
+        for key, value in zip(keys, means, strict=True):
+            store[key].append(value)
 
     def log(self, logs, start_time=None):
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
