@@ -170,17 +170,17 @@ def test_bias_is_never_perturbed(chunks):
 def test_sam_perturbation_variants_closed_form():
     g = torch.tensor([[3.0, -4.0], [0.0, 0.0]])
     w = torch.tensor([[2.0, 1.0], [-1.0, 5.0]])
-    eps, n = sam_perturbation(g, w, 0.5)
+    eps, n, _ = sam_perturbation(g, w, 0.5)
     assert float(n) == 5.0 and torch.allclose(eps, torch.tensor([[0.3, -0.4], [0.0, 0.0]]))
     # authors' adaptive: |W| g = [[6, -4], [0, 0]], norm sqrt(52)
-    eps, n = sam_perturbation(g, w, 0.5, adaptive=True)
+    eps, n, _ = sam_perturbation(g, w, 0.5, adaptive=True)
     assert float(n) == pytest.approx(52**0.5)
     assert torch.allclose(eps, 0.5 * torch.tensor([[6.0, -4.0], [0.0, 0.0]]) / 52**0.5)
     # true ASAM: W^2 g / || |W| g || = [[12, -4], [0, 0]] / sqrt(52)
-    eps, n = sam_perturbation(g, w, 0.5, asam=True)
+    eps, n, _ = sam_perturbation(g, w, 0.5, asam=True)
     assert torch.allclose(eps, 0.5 * torch.tensor([[12.0, -4.0], [0.0, 0.0]]) / 52**0.5)
     # a zero gradient gives a zero (finite) step
-    eps, n = sam_perturbation(torch.zeros(2, 2), w, 0.5)
+    eps, n, _ = sam_perturbation(torch.zeros(2, 2), w, 0.5)
     assert float(n) == 0.0 and torch.equal(eps, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="at most one"):
         sam_perturbation(g, w, 0.5, adaptive=True, asam=True)
@@ -190,7 +190,7 @@ def test_sam_perturbation_variants_closed_form():
 
 def test_norm_accumulates_in_float32():
     g = torch.full((4096, 64), 0.01, dtype=torch.bfloat16)
-    eps, n = sam_perturbation(g, torch.ones_like(g), 1.0)
+    eps, n, _ = sam_perturbation(g, torch.ones_like(g), 1.0)
     assert n.dtype == torch.float32 and eps.dtype == torch.bfloat16
     expected = (g.double().square().sum()).sqrt()
     assert float(n) == pytest.approx(float(expected), rel=1e-6)

@@ -12,8 +12,8 @@ def _worker(rank, world, init_file, results):
     try:
         g = torch.full((3, 2), float(rank + 1))  # rank 0: ||g||^2 = 6, rank 1: 24
         w = torch.ones(3, 2)
-        _, local = sam_perturbation(g, w, 0.1, norm="local")
-        eps, glob = sam_perturbation(g, w, 0.1, norm="global")
+        _, local, _ = sam_perturbation(g, w, 0.1, norm="local")
+        eps, glob, _ = sam_perturbation(g, w, 0.1, norm="global")
         # logits-SAM: a loss whose head gradient differs per rank
         torch.manual_seed(rank)
         head = torch.nn.Linear(4, 5, bias=False)

@@ -13,17 +13,6 @@ from logitsam.train.trainer import NonFiniteLossError, PreferenceTrainer
 WORDS = ["good", "bad", "fine", "great", "awful", "nice", "poor", "kind", "rude", "calm"]
 
 
-@pytest.fixture
-def pairs_file(tmp_path):
-    rows = []
-    for i in range(24):
-        a, b = WORDS[i % len(WORDS)], WORDS[(i * 3 + 1) % len(WORDS)]
-        rows.append({"prompt": f"Say something {i}:", "chosen": f" {a} {a} day", "rejected": f" {b} night {i}"})
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def config(tiny_model_dir, pairs_file, out, cache, **overrides):
     values = {
         "model_name_or_path": str(tiny_model_dir),
@@ -50,12 +39,6 @@ def config(tiny_model_dir, pairs_file, out, cache, **overrides):
     values.update(overrides)
     cfg = build_config(None, {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()})
     return cfg
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOGITSAM_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def final_weights(out):

@@ -2,10 +2,12 @@
 
 from .head import IGNORE_INDEX, HeadOutput, dense_head_logps, shift_labels
 from .head_chunked import chunked_head_logps
-from .sam import FullSAM, head_fn, logits_sam, sam_perturbation, sequence_logps
+from .sam import Ascent, FullSAM, first_order_ratio, head_fn, logits_sam, sam_perturbation, sequence_logps
 
 __all__ = [
     "IGNORE_INDEX",
+    "Ascent",
+    "first_order_ratio",
     "FullSAM",
     "HeadOutput",
     "chunked_head_logps",

@@ -9,6 +9,16 @@ The naive expression both equal::
     logits = hidden @ weight.T + bias                      # (R, T, V)
     token_logps = log_softmax(logits)[r, t, labels[r, t]]  # 0 where labels == -100
     logps = token_logps.sum(-1)                            # (R,)
+
+Precision. The matmuls run in the *compute dtype*: the caller's autocast dtype when autocast is on
+(float32 weights under ``torch.autocast``), else the weight's dtype. The softmax and every sum run in
+float32. A perturbation ``weight_delta`` (the logits-SAM eps, entries ~1e-7) cannot be added to a
+half-precision weight: bf16's spacing at |W| ~ 0.02 is ~1e-4, so ``W + eps`` rounds back to ``W``.
+In a half compute dtype the perturbed logits are therefore formed as two products,
+``Z = H W^T + s * (H U^T)`` with ``eps = s U`` (``U = eps / max|eps|``, so fp16 does not underflow),
+each product in the compute dtype, the sum in float32 (``split_delta``). This costs one extra
+(tokens x V x d) matmul in forward and one in backward (dL/dH). In float32/float64 the fused
+``H (W + eps)^T`` is exact to rounding and is kept.
 """
 
 from __future__ import annotations
@@ -21,9 +31,43 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Softmax/accumulation dtype: float32 for half types, the input dtype for float32/float64."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmuls run in: the autocast dtype for a float32 weight under autocast, else its own."""
+    device = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+@dataclass
+class SplitDelta:
+    """A weight perturbation kept apart from the weight: ``delta = scale * unit``.
+
+    Attributes:
+        unit (V, d): ``delta / max|delta|`` in the compute dtype (entries in [-1, 1]: no fp16 underflow).
+        scale: 0-dim float32, ``max|delta|``.
+    """
+
+    unit: torch.Tensor
+    scale: torch.Tensor
+
+
+def split_delta(delta: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | SplitDelta | None:
+    """``delta`` as it enters a head in compute dtype ``dtype``: fused (itself) in float32/64, split in half."""
+    if delta is None or dtype not in HALF_DTYPES:
+        return None if delta is None else delta.detach()
+    delta = delta.detach()
+    scale = delta.abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
+    unit = delta.to(torch.float32, copy=True).div_(scale).to(dtype)
+    return SplitDelta(unit, scale)
 
 # Columns of the per-token statistics tensor, in order (all computed on completion tokens only).
 STAT_NAMES = ("entropy", "argmax_prob", "top1", "sum_p2", "logits_sum", "argmax_logp")
@@ -161,14 +205,60 @@ def dense_head_logps(
         with_stats: also compute the per-row statistics of ``HeadOutput``.
         weight_delta (V, d) or None: a constant added to the weight (the logits-SAM eps).
 
-    Only completion positions are projected; logits are upcast to float32 before the softmax.
+    Only completion positions are projected; logits are upcast to float32 before the softmax. In a
+    half compute dtype the perturbed logits are ``H W^T + b + s (H U^T)`` (see the module docstring).
     """
     h, targets, flat_index, row = valid_tokens(hidden, labels)
     check_targets(targets, weight.shape[0])
-    if weight_delta is not None:
-        weight = weight + weight_delta.detach()
-    logits = F.linear(h, weight, bias).to(acc_dtype(weight.dtype))  # (n, V)
+    cdt = compute_dtype(weight)
+    delta = split_delta(weight_delta, cdt)
+    if isinstance(delta, SplitDelta):
+        logits = _SplitLinear.apply(h, weight, bias, delta, cdt)  # (n, V) float32
+    else:
+        if delta is not None:
+            weight = weight + delta  # float32/float64: the naive definition, exact to rounding
+        logits = F.linear(h, weight, bias).to(acc_dtype(cdt))  # (n, V)
     logp = logits.log_softmax(-1)
     token_lp = logp.gather(1, targets[:, None]).squeeze(1)  # (n,)
     stats = token_stats(logits, logp, targets) if with_stats else None
     return assemble(token_lp, stats, flat_index, row, labels, weight.shape[0])
+
+
+def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if x is None else x.to(dtype)
+
+
+class _SplitLinear(torch.autograd.Function):
+    """``Z = H W^T + b + s (H U^T)`` in float32 from two products in the compute dtype (dense, half only).
+
+    Backward keeps the eps term apart in the same way:
+        dL/dH = (G W) + s (G U)  (each product in the compute dtype, summed in float32, cast once),
+        dL/dW = G^T H,  dL/db = sum_n G;   G = dL/dZ in the compute dtype. No gradient reaches eps.
+    Autocast is off inside: the casts are explicit, so forward and backward use the same dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, delta: SplitDelta, cdt):
+        with torch.autocast(h.device.type, enabled=False):
+            hc, wc = h.to(cdt), weight.to(cdt)
+            z = F.linear(hc, wc, _cast(bias, cdt)).float()
+            z += F.linear(hc, delta.unit).float() * delta.scale
+        ctx.save_for_backward(hc, wc)
+        ctx.delta, ctx.dtypes, ctx.has_bias = delta, (h.dtype, weight.dtype), bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        hc, wc = ctx.saved_tensors
+        delta, (h_dtype, w_dtype) = ctx.delta, ctx.dtypes
+        grad_h = grad_w = grad_b = None
+        with torch.autocast(grad_z.device.type, enabled=False):
+            g = grad_z.to(hc.dtype)  # (n, V)
+            if ctx.needs_input_grad[0]:
+                grad_h = ((g @ wc).float() + (g @ delta.unit).float() * delta.scale).to(h_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = (g.T @ hc).to(w_dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = grad_z.sum(0).to(ctx.bias_dtype)
+        return grad_h, grad_w, grad_b, None, None

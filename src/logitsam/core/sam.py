@@ -7,7 +7,9 @@ the LM head ``W`` and takes ``g`` along the logit path only: ``g = dL/dZ^T H`` w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,21 @@ def _reduce_squared_norm(sq: torch.Tensor, norm: str) -> torch.Tensor:
     return sq
 
 
+class Ascent(NamedTuple):
+    """The SAM ascent step for one weight.
+
+    eps (V, d): the perturbation (a constant); ``weight.dtype``, except float32 for a float16 weight
+        (eps entries ~1e-7 underflow float16).
+    grad_norm: 0-dim float32, the norm that scaled it.
+    first_order: 0-dim float32, ``<g, eps>`` on this device: the first-order loss change the
+        perturbation should cause (``rho * ||g||`` for plain SAM with ``norm="local"``).
+    """
+
+    eps: torch.Tensor
+    grad_norm: torch.Tensor
+    first_order: torch.Tensor
+
+
 def sam_perturbation(
     grad: torch.Tensor,
     weight: torch.Tensor,
@@ -38,8 +55,8 @@ def sam_perturbation(
     adaptive: bool = False,
     asam: bool = False,
     inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ascent step ``eps`` for one weight, and the norm that scaled it.
+) -> Ascent:
+    """The ascent step ``eps`` for one weight, the norm that scaled it, and its first-order effect.
 
     - plain SAM:            eps = rho * g / ||g||
     - ``adaptive`` (the logits-SAM authors' flag): eps = rho * (|W| g) / || |W| g ||
@@ -53,7 +70,7 @@ def sam_perturbation(
         weight (V, d): the unperturbed weight (used by adaptive/asam only).
         inplace: plain SAM may scale a float32 ``grad`` in place (saves one (V, d) buffer).
     Returns:
-        eps (V, d) in ``weight.dtype`` (a constant: no graph), and the norm (0-dim float32 tensor).
+        ``Ascent(eps, grad_norm, first_order)``; eps is a constant (no graph).
     """
     if adaptive and asam:
         raise ValueError("choose at most one of adaptive (the authors' |W|-scaled variant) and asam")
@@ -63,15 +80,18 @@ def sam_perturbation(
         scaled = w_abs * g
     else:
         scaled = g
-    sq = _reduce_squared_norm(scaled.square().sum(), norm)  # cascade-summed in float32
-    grad_norm = sq.sqrt()
+    local_sq = scaled.square().sum()  # cascade-summed in float32
+    # <g, eps> / factor: sum g^2 (plain), sum |W| g^2 (adaptive), sum W^2 g^2 (asam)
+    along = (scaled * g).sum() if adaptive else local_sq.clone()
+    grad_norm = _reduce_squared_norm(local_sq, norm).sqrt()
     factor = rho / grad_norm.clamp_min(NORM_FLOOR)
     fresh = adaptive or asam or inplace or g.data_ptr() != grad.data_ptr()  # may we write into `scaled`?
     if asam:
         eps = scaled.mul_(w_abs).mul_(factor)
     else:
         eps = scaled.mul_(factor) if fresh else scaled * factor
-    return eps.to(weight.dtype), grad_norm
+    eps_dtype = torch.float32 if weight.dtype == torch.float16 else weight.dtype
+    return Ascent(eps.to(eps_dtype), grad_norm, along * factor)
 
 
 def head_fn(chunk_size: int | None = None, vocab_chunk_size: int | None = DEFAULT_VOCAB_CHUNK_SIZE
@@ -137,7 +157,14 @@ def logits_sam(
         adaptive, asam: the authors' |W|-scaled variant, or true ASAM.
     Returns:
         loss (0-dim tensor) at the perturbed head, and stats: ``loss_pre``, ``loss_post``,
-        ``grad_norm`` (floats) and ``clean`` (the detached clean-pass ``HeadOutput`` with statistics).
+        ``grad_norm``, ``first_order`` (``<g, eps>``, the change ``loss_post - loss_pre`` should show
+        to first order; see ``first_order_ratio``) as floats, and ``clean`` (the detached clean-pass
+        ``HeadOutput`` with statistics).
+
+    Precision: in a half compute dtype (bf16/fp16 weights, or float32 weights under autocast) the
+    perturbed pass forms ``H W^T`` and ``H eps^T`` as separate products and sums them in float32
+    (``head.split_delta``), so eps is not rounded away; the clean product is the same bits in both
+    passes, so ``loss_post - loss_pre`` measures eps alone.
     """
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     head = head_fn(chunk_size, vocab_chunk_size)
@@ -147,18 +174,30 @@ def logits_sam(
         clean = head(hidden.detach(), w0, b0, labels, with_stats=True)
         loss_pre = loss_fn(clean)
         (grad_w,) = torch.autograd.grad(loss_pre, w0)
-    eps, grad_norm = sam_perturbation(grad_w, weight, rho, norm=norm, adaptive=adaptive, asam=asam, inplace=True)
+    ascent = sam_perturbation(grad_w, weight, rho, norm=norm, adaptive=adaptive, asam=asam, inplace=True)
     del grad_w
-    perturbed = head(hidden, weight, bias, labels, with_stats=False, weight_delta=eps)
-    del eps
+    perturbed = head(hidden, weight, bias, labels, with_stats=False, weight_delta=ascent.eps)
     loss = loss_fn(perturbed)
     stats = {
         "loss_pre": float(loss_pre.detach()),
         "loss_post": float(loss.detach()),
-        "grad_norm": float(grad_norm),
+        "grad_norm": float(ascent.grad_norm),
+        "first_order": float(ascent.first_order),
         "clean": clean.detach(),
     }
     return loss, stats
+
+
+def first_order_ratio(loss_pre: float, loss_post: float, first_order: float) -> float:
+    """``r = (loss_post - loss_pre) / <g, eps>``: 1 + O(rho) when the perturbation really acts.
+
+    Near 0 means eps was rounded away (the perturbation is below the working precision); far above
+    1 means rho is so large that the loss is no longer linear over the step. NaN when the predicted
+    change is 0 (rho = 0 or a zero gradient).
+    """
+    if first_order == 0.0 or not math.isfinite(first_order):
+        return float("nan")
+    return (loss_post - loss_pre) / first_order
 
 
 class FullSAM:

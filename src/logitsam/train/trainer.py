@@ -22,8 +22,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .._memory import peak_rss_bytes
-from ..core import FullSAM, logits_sam, sequence_logps
-from ..core.head import shift_labels
+from ..core import FullSAM, first_order_ratio, logits_sam, sequence_logps
+from ..core.head import HALF_DTYPES, shift_labels
 from ..core.losses import preference_loss, requires_reference
 from ..diagnostics.squeeze import dpo_metrics, squeeze_metrics
 from ..models import forward_hidden, lm_head_of, reference_context
@@ -33,6 +33,28 @@ logger = logging.getLogger("logitsam.train")
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+# sam/first_order_ratio outside this band means eps was rounded away (low) or rho is far too large (high)
+RATIO_BAND = (0.5, 2.0)
+
+
+def ratio_is_measurable(loss_pre: float, first_order: float) -> bool:
+    """Is the predicted change ``<g, eps>`` far enough above float32 rounding of the loss to be checked?"""
+    return abs(first_order) > 64 * torch.finfo(torch.float32).eps * max(1.0, abs(loss_pre))
+
+
+def unmastered_half_params(model, args) -> tuple[int, torch.dtype | None]:
+    """Trainable parameters kept in bf16/fp16 with no float32 master copy in the optimizer: (count, dtype).
+
+    A plain torch optimizer updates such weights in their own dtype: an update smaller than half the
+    spacing of the weight's dtype (bf16 at |w| ~ 0.02: ~6e-5) is rounded away. DeepSpeed keeps fp32
+    master weights of its own, so it is not counted.
+    """
+    if getattr(args, "deepspeed", None):
+        return 0, None
+    half = [p for p in model.parameters() if p.requires_grad and p.dtype in HALF_DTYPES]
+    return sum(p.numel() for p in half), (half[0].dtype if half else None)
 
 
 class PreferenceTrainer(Trainer):
@@ -66,8 +88,25 @@ class PreferenceTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._skip_step = False
         self._record = True
+        self._ratio_warned = False
+        self._check_master_weights()
         logger.info("sam=%s rho=%g norm=%s adaptive=%s asam=%s head=%s", sam, sam_rho, sam_norm, sam_adaptive,
                     sam_asam, "dense" if chunk_size is None else f"chunked({chunk_size})")
+
+    def _check_master_weights(self):
+        n_half, half_dtype = unmastered_half_params(self.model, self.args)
+        if not n_half:
+            return
+        if half_dtype == torch.float16:
+            raise ValueError(
+                "dtype: float16 weights cannot be trained here (the fp16 gradient scaler refuses fp16 "
+                "parameters and updates would underflow): load float32 weights (dtype: float32) and set "
+                "fp16: true for fp16 autocast, or use bf16: true")
+        logger.warning(
+            "%d trainable parameters are %s and the optimizer keeps no float32 copy: AdamW updates smaller "
+            "than ~1/256 of a weight are rounded away (at learning_rate 5e-7 almost every update). "
+            "Recommended: dtype: float32 (master weights) with bf16: true (bf16 compute under autocast).",
+            n_half, str(half_dtype).replace("torch.", ""))
 
     # ---- reference -------------------------------------------------------------------------
     @torch.no_grad()
@@ -112,6 +151,7 @@ class PreferenceTrainer(Trainer):
             loss, stats = logits_sam(hidden, head, labels, loss_fn, self.sam_rho, norm=self.sam_norm,
                                      adaptive=self.sam_adaptive, asam=self.sam_asam, **self.chunks)
             out = stats.pop("clean")
+            stats["first_order_ratio"] = self._check_ratio(stats)
             sam_stats = {f"sam/{k}": v for k, v in stats.items()}
         else:
             out = sequence_logps(hidden, head, labels, **self.chunks)
@@ -124,6 +164,21 @@ class PreferenceTrainer(Trainer):
             self._log_metrics(mode, out.detach(), chosen_rewards, rejected_rewards, ref_chosen, ref_rejected,
                               inputs, sam_stats)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
+
+    def _check_ratio(self, stats) -> float:
+        """``sam/first_order_ratio``, with one clear warning per run when it leaves ``RATIO_BAND``."""
+        r = first_order_ratio(stats["loss_pre"], stats["loss_post"], stats["first_order"])
+        if self._ratio_warned or not ratio_is_measurable(stats["loss_pre"], stats["first_order"]):
+            return r
+        if not RATIO_BAND[0] <= r <= RATIO_BAND[1]:
+            self._ratio_warned = True
+            why = ("the perturbation is below the working precision: logits-SAM is acting as plain DPO. "
+                   "Keep float32 head weights (dtype: float32 with bf16: true) or raise sam_rho"
+                   if r < RATIO_BAND[0] else
+                   "sam_rho is so large that the loss is far from linear over the perturbation; lower sam_rho")
+            logger.warning("sam/first_order_ratio = %.3g at step %d (expected ~1, band %s): %s.",
+                           r, self.state.global_step, RATIO_BAND, why)
+        return r
 
     def _handle_nonfinite(self, loss, hidden):
         step = self.state.global_step

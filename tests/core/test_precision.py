@@ -1,0 +1,212 @@
+"""logits-SAM in half precision: the perturbation must survive bf16/fp16 weights and autocast.
+
+The first-order ratio ``r = (loss_post - loss_pre) / <g, eps>`` is 1 + O(rho) when eps really acts
+and ~0 when ``W + eps`` rounds back to ``W`` (bf16 spacing at |W| ~ 0.02 is ~1e-4, eps entries ~1e-7).
+"""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from logitsam.core import chunked_head_logps, dense_head_logps, first_order_ratio, logits_sam, sequence_logps
+from logitsam.core import head_chunked as hc
+from logitsam.core.head import SplitDelta, compute_dtype, split_delta
+
+V, D, TOKENS = 8192, 256, 512  # the head shape of the issue's table, not a toy vocabulary
+HEADS = {"dense": {}, "chunked": {"chunk_size": 128, "vocab_chunk_size": 2048}}
+SETTINGS = {  # weights dtype, autocast dtype
+    "bf16 weights": (torch.bfloat16, None),
+    "fp32 weights + bf16 autocast": (torch.float32, torch.bfloat16),
+    "fp32 weights + fp16 autocast": (torch.float32, torch.float16),
+}
+
+
+def autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def head_problem(dtype, seed=0, rows=4, vocab=V, d=D, tokens=TOKENS, bias=False):
+    """Random hidden states, a (V, d) head with W ~ N(0, 0.02), labels, and a DPO loss."""
+    g = torch.Generator().manual_seed(seed)
+    T = tokens // rows
+    hidden = torch.randn(rows, T, d, generator=g).to(dtype)
+    head = torch.nn.Linear(d, vocab, bias=bias)
+    head.weight.data = (torch.randn(vocab, d, generator=g) * 0.02).to(dtype)
+    if bias:
+        head.bias.data = (torch.randn(vocab, generator=g) * 0.1).to(dtype)
+    labels = torch.randint(0, vocab, (rows, T), generator=g)
+    labels[:, :3] = -100
+    ref = -torch.rand(rows, generator=g) * 10 - T * 9.0
+
+    def loss_fn(out):
+        logratio = out.logps - ref
+        return -F.logsigmoid(0.1 * (logratio[: rows // 2] - logratio[rows // 2 :])).mean()
+
+    return hidden, head, labels, loss_fn
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("rho", [1e-4, 1e-3])
+def test_first_order_ratio_is_one_in_half_precision(setting, head, rho):
+    """Before the split product, bf16 weights gave r = 0.01 (1e-4) and 0.09 (1e-3): a no-op."""
+    w_dtype, ac = SETTINGS[setting]
+    hidden, lm_head, labels, loss_fn = head_problem(w_dtype)
+    with autocast(ac):
+        _, st = logits_sam(hidden, lm_head, labels, loss_fn, rho, **HEADS[head])
+    r = first_order_ratio(st["loss_pre"], st["loss_post"], st["first_order"])
+    assert abs(r - 1) < 0.05, r
+    # <g, eps> = rho ||g|| for plain SAM with a local norm
+    assert st["first_order"] == pytest.approx(rho * st["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_first_order_ratio_fp32(head):
+    hidden, lm_head, labels, loss_fn = head_problem(torch.float32)
+    _, st = logits_sam(hidden, lm_head, labels, loss_fn, 1e-3, **HEADS[head])
+    assert abs(first_order_ratio(st["loss_pre"], st["loss_post"], st["first_order"]) - 1) < 0.02
+
+
+def test_first_order_ratio_edge_cases():
+    assert first_order_ratio(1.0, 1.0, 0.0) != first_order_ratio(1.0, 1.0, 0.0)  # NaN: nothing predicted
+    assert first_order_ratio(1.0, 1.5, 0.25) == 2.0
+
+
+def _grads(hidden, lm_head, labels, loss_fn, rho, head, ac):
+    h = hidden.detach().clone().requires_grad_()
+    lm_head.zero_grad()
+    with autocast(ac):
+        if rho == 0:
+            loss = loss_fn(sequence_logps(h, lm_head, labels, with_stats=False, **HEADS[head]))
+        else:
+            loss, _ = logits_sam(h, lm_head, labels, loss_fn, rho, **HEADS[head])
+    loss.backward()
+    return loss.detach(), h.grad.detach().clone(), lm_head.weight.grad.detach().clone()
+
+
+def _cos(a, b):
+    return F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("setting", ["bf16 weights", "fp32 weights + bf16 autocast"])
+def test_sam_correction_direction_matches_fp32(setting, head):
+    """``grad_sam - grad_plain`` in bf16 points the way the same correction does in fp32.
+
+    The fp32 reference uses the same bf16-rounded hidden states and weights, upcast. At rho = 1e-2
+    the correction is ~5 % of the head gradient, well above bf16's relative rounding (2^-8 = 0.4 %).
+    """
+    w_dtype, ac = SETTINGS[setting]
+    hidden, lm_head, labels, loss_fn = head_problem(torch.bfloat16, vocab=4096, tokens=256)
+    rho = 1e-2
+    low = lm_head.to(w_dtype)
+    plain = _grads(hidden.to(w_dtype), low, labels, loss_fn, 0.0, head, ac)
+    sam = _grads(hidden.to(w_dtype), low, labels, loss_fn, rho, head, ac)
+    ref32 = torch.nn.Linear(D, 4096, bias=False)
+    ref32.weight.data = lm_head.weight.data.float()
+    plain32 = _grads(hidden.float(), ref32, labels, loss_fn, 0.0, head, None)
+    sam32 = _grads(hidden.float(), ref32, labels, loss_fn, rho, head, None)
+    for i, name in ((1, "hidden"), (2, "weight")):
+        corr, corr32 = sam[i].float() - plain[i].float(), sam32[i] - plain32[i]
+        assert corr32.norm() > 0.02 * plain32[i].norm(), name  # the correction is not rounding noise
+        assert _cos(corr, corr32) >= 0.9, (name, _cos(corr, corr32))
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_rho_zero_is_bit_identical_to_plain(setting, head):
+    w_dtype, ac = SETTINGS[setting]
+    hidden, lm_head, labels, loss_fn = head_problem(w_dtype, vocab=1024, tokens=128)
+    plain = _grads(hidden, lm_head, labels, loss_fn, 0.0, head, ac)
+    h = hidden.detach().clone().requires_grad_()
+    lm_head.zero_grad()
+    with autocast(ac):
+        loss, _ = logits_sam(h, lm_head, labels, loss_fn, 0.0, **HEADS[head])
+    loss.backward()
+    assert torch.equal(loss.detach(), plain[0])
+    assert torch.equal(h.grad, plain[1]) and torch.equal(lm_head.weight.grad, plain[2])
+
+
+# ---- dense vs chunked in half precision, with and without a perturbation (Liger-style grid) ------
+
+TOL = {torch.bfloat16: dict(atol=3e-2, rtol=2e-2), torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
+def _grid_inputs(shape, bias, dtype, seed=0):
+    R, T, d, vocab = shape
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(R, T, d, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, d, generator=g) * 0.3).to(dtype).requires_grad_()
+    b = (torch.randn(vocab, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None
+    labels = torch.randint(0, vocab, (R, T), generator=g)
+    labels[:, :5] = -100
+    labels[0, -7:] = -100
+    delta = torch.randn(vocab, d, generator=g) * 1e-3
+    return hidden, weight, b, labels, delta
+
+
+@pytest.mark.parametrize("shape", [(3, 47, 31, 123), (2, 16, 64, 1000)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("perturbed", [False, True])
+@pytest.mark.parametrize("mode", ["bf16 weights", "fp32 weights + bf16 autocast", "fp32 weights + fp16 autocast"])
+def test_dense_vs_chunked_half(shape, bias, perturbed, mode):
+    w_dtype, ac = SETTINGS[mode]
+    hidden, weight, b, labels, delta = _grid_inputs(shape, bias, w_dtype)
+    delta = delta.to(w_dtype) if perturbed else None
+    params = [hidden, weight] + ([b] if bias else [])
+    row_w = torch.linspace(-1.0, 2.0, labels.shape[0])
+    results = []
+    for fn, kw in ((dense_head_logps, {}), (chunked_head_logps, dict(chunk_size=7, vocab_chunk_size=40))):
+        with autocast(ac):
+            out = fn(hidden, weight, b, labels, weight_delta=delta, **kw)
+        loss = (out.logps * row_w).sum() + 0.1 * out.token_logps.square().sum()
+        results.append((out, torch.autograd.grad(loss, params)))
+    (dense, g_dense), (chunked, g_chunk) = results
+    tol = TOL[ac or w_dtype]
+    for name in ("logps", "token_logps", "entropy", "sum_p2", "argmax_logp"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(dense, name), **tol)
+    for a, c in zip(g_dense, g_chunk, strict=True):
+        assert c.dtype == a.dtype
+        torch.testing.assert_close(c.float(), a.float(), **tol)
+
+
+@pytest.mark.parametrize("ac", [torch.bfloat16, torch.float16])
+def test_chunked_blocks_run_in_autocast_dtype_forward_and_backward(monkeypatch, ac):
+    """Under a caller's autocast every logits block (forward and the recomputation in backward) is in ``ac``."""
+    hidden, weight, b, labels, _ = _grid_inputs((3, 47, 31, 123), True, torch.float32)
+    dtypes = []
+    real_linear = F.linear
+
+    def spy(x, w, bias=None):
+        dtypes.append((x.dtype, w.dtype))
+        return real_linear(x, w, bias)
+
+    monkeypatch.setattr(hc.F, "linear", spy)
+    with autocast(ac):
+        out = chunked_head_logps(hidden, weight, b, labels, chunk_size=8, vocab_chunk_size=32)
+    n_forward = len(dtypes)
+    out.logps.sum().backward()  # outside autocast, as training loops do
+    assert n_forward > 0 and len(dtypes) > n_forward
+    assert set(dtypes) == {(ac, ac)}
+    assert hidden.grad.dtype == weight.grad.dtype == b.grad.dtype == torch.float32
+
+
+def test_split_delta_survives_fp16():
+    """eps entries ~1e-7 underflow float16 (smallest normal 6e-5); the unit/scale split keeps them."""
+    delta = torch.randn(64, 32, dtype=torch.float64) * 1e-7
+    split = split_delta(delta.float(), torch.float16)
+    assert isinstance(split, SplitDelta) and split.unit.dtype == torch.float16
+    err_split = (split.unit.double() * split.scale.double() - delta).abs().max()
+    err_naive = (delta.half().double() - delta).abs().max()  # subnormal: spacing 6e-8
+    assert err_split <= 1e-3 * delta.abs().max() and 20 * err_split < err_naive
+    assert split_delta(delta.float(), torch.float32) is not None and not isinstance(
+        split_delta(delta.float(), torch.float32), SplitDelta)
+
+
+def test_compute_dtype():
+    w = torch.zeros(2, 2)
+    assert compute_dtype(w) == torch.float32 and compute_dtype(w.bfloat16()) == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(w) == torch.bfloat16 and compute_dtype(w.double()) == torch.float64
