@@ -173,17 +173,17 @@ def test_sam_perturbation_variants_closed_form():
     eps, n, _ = sam_perturbation(g, w, 0.5)
     assert float(n) == 5.0 and torch.allclose(eps, torch.tensor([[0.3, -0.4], [0.0, 0.0]]))
     # authors' adaptive: |W| g = [[6, -4], [0, 0]], norm sqrt(52)
-    eps, n, _ = sam_perturbation(g, w, 0.5, adaptive=True)
+    eps, n, _ = sam_perturbation(g, w, 0.5, variant="adaptive")
     assert float(n) == pytest.approx(52**0.5)
     assert torch.allclose(eps, 0.5 * torch.tensor([[6.0, -4.0], [0.0, 0.0]]) / 52**0.5)
     # true ASAM: W^2 g / || |W| g || = [[12, -4], [0, 0]] / sqrt(52)
-    eps, n, _ = sam_perturbation(g, w, 0.5, asam=True)
+    eps, n, _ = sam_perturbation(g, w, 0.5, variant="asam")
     assert torch.allclose(eps, 0.5 * torch.tensor([[12.0, -4.0], [0.0, 0.0]]) / 52**0.5)
     # a zero gradient gives a zero (finite) step
     eps, n, _ = sam_perturbation(torch.zeros(2, 2), w, 0.5)
     assert float(n) == 0.0 and torch.equal(eps, torch.zeros(2, 2))
-    with pytest.raises(ValueError, match="at most one"):
-        sam_perturbation(g, w, 0.5, adaptive=True, asam=True)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        sam_perturbation(g, w, 0.5, variant="adaptive+asam")
     with pytest.raises(ValueError, match="norm must be one of"):
         sam_perturbation(g, w, 0.5, norm="per-layer")
 
@@ -210,7 +210,7 @@ def test_adaptive_variants_match_naive(flag):
     direction = (a * g) if flag == "adaptive" else (a * a * g)
     eps = rho * direction / (a * g).norm()
     expected = loss_fn(sequence_logps(hidden, _Head(W.detach() + eps), labels))
-    loss, _ = logits_sam(hidden, model.lm_head, labels, loss_fn, rho, **{flag: True})
+    loss, _ = logits_sam(hidden, model.lm_head, labels, loss_fn, rho, variant=flag)
     torch.testing.assert_close(loss.detach(), expected, atol=1e-6, rtol=1e-6)
 
 
@@ -252,3 +252,24 @@ def test_full_sam_matches_definition_and_restores_exactly():
         torch.testing.assert_close(p.grad, expected[n], atol=1e-5, rtol=1e-5, msg=n)
     with pytest.raises(RuntimeError, match="backward"):
         FullSAM([torch.nn.Parameter(torch.ones(2))], rho).first_step()
+
+
+@pytest.mark.parametrize("variant", ["plain", "adaptive", "asam"])
+def test_full_sam_variants_mean_what_logits_sam_means(variant):
+    """FullSAM's eps over all parameters follows the same closed forms as logits-SAM's (one helper)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    grads = [torch.randn(3, 2), torch.randn(4)]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    before = [p.detach().clone() for p in params]
+    rho = 0.2
+    scaled = [g if variant == "plain" else p.abs() * g for p, g in zip(before, grads, strict=True)]
+    norm = torch.sqrt(sum(s.square().sum() for s in scaled))
+    direction = [s * p.abs() if variant == "asam" else s for p, s in zip(before, scaled, strict=True)]
+    used = FullSAM(params, rho, variant=variant)
+    assert used.first_step() == pytest.approx(float(norm), rel=1e-6)
+    for p, b, d in zip(params, before, direction, strict=True):
+        torch.testing.assert_close(p.detach() - b, rho * d / norm, atol=1e-6, rtol=1e-5)
+    used.second_step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))

@@ -29,7 +29,7 @@ def _run(cmd, env):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(
     os.path.dirname(sys.executable), "torchrun")), reason="torchrun not available")
-@pytest.mark.parametrize("sam", ["none", "logits"])
+@pytest.mark.parametrize("sam", ["none", "logits", "full"])
 def test_two_processes_equal_one(tiny_model_dir, tmp_path, sam):
     env = {**os.environ, "LOGITSAM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     data = _data(tmp_path)
@@ -37,20 +37,26 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, sam):
             "--sam_rho", "0.05", *COMMON]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, "-m", "logitsam.cli", *base, "--per_device_train_batch_size", "4", "--output_dir", str(one)],
-         env)
+    # plain DPO: one process at the same global batch. logits-SAM and full SAM with the per-device norm: one
+    # process with the same per-device batch and 2 accumulation steps (each micro-batch its own eps, as each rank
+    # has its own; full SAM's ascent pass must therefore not all-reduce gradients)
+    single = ["--per_device_train_batch_size", "4"] if sam == "none" else \
+        ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--sam_norm", "local"]
+    _run([sys.executable, "-m", "logitsam.cli", *base, *single, "--output_dir", str(one)], env)
     _run([torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + (os.getpid() % 1000)), "-m", "logitsam.cli",
-          *base, "--per_device_train_batch_size", "2", "--output_dir", str(two)], env)
+          *base, "--per_device_train_batch_size", "2", "--sam_norm", "local", "--output_dir", str(two)], env)
     info = json.loads((two / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["ranks_in_sync"] is True
     a = AutoModelForCausalLM.from_pretrained(one).state_dict()
     b = AutoModelForCausalLM.from_pretrained(two).state_dict()
-    if sam == "none":
-        # same global batch: the all-reduced gradient equals the single-process one
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
-    else:
-        # logits-SAM with the per-device norm is a different (documented) algorithm: it must train, stay in
-        # sync across ranks, and differ from the single-process run only slightly
-        diff = max((b[k] - a[k]).abs().max().item() for k in a)
-        assert 0 < diff < 1e-2
+    init = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(a[k], init[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
+    if sam != "none":  # SAM really ran: its perturbation moved the loss by about <g, eps>
+        logs = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+        if sam == "logits":
+            ratios = [r["sam/first_order_ratio"] for r in logs if "sam/first_order_ratio" in r]
+            assert ratios and all(0.5 < r < 2 for r in ratios), ratios
+        else:
+            assert all(r["sam/loss_post"] > r["sam/loss_pre"] for r in logs if "sam/loss_pre" in r)

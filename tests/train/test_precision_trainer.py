@@ -83,7 +83,7 @@ def test_pure_bf16_adamw_drops_updates(tiny_model_dir, pairs_file, tmp_path, cac
 
 
 def test_float16_weights_are_refused(tiny_model_dir, pairs_file, tmp_path, cache):
-    with pytest.raises(ValueError, match="float16 weights cannot be trained"):
+    with pytest.raises(ValueError, match="float16 weights cannot be trained"):  # a ConfigError
         run_training(config(tiny_model_dir, pairs_file, tmp_path / "run", cache, dtype="float16"))
 
 

@@ -10,8 +10,6 @@ from logitsam.train import build_config
 from logitsam.train.run import run_training
 from logitsam.train.trainer import NonFiniteLossError, PreferenceTrainer
 
-WORDS = ["good", "bad", "fine", "great", "awful", "nice", "poor", "kind", "rude", "calm"]
-
 
 def config(tiny_model_dir, pairs_file, out, cache, **overrides):
     values = {
@@ -129,6 +127,11 @@ def test_resume_equals_uninterrupted(tiny_model_dir, pairs_file, tmp_path, cache
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
     steps = [r["step"] for r in records(split) if "loss" in r]
     assert steps == [1, 2, 3, 4]  # the resumed run continues the same metrics file
+    # every logged step, not only the end: the same losses and SAM values as the uninterrupted run
+    keys = ("loss", "sam/loss_pre", "sam/loss_post", "rewards/margins", "learning_rate")
+    logged = [r[k] for r in records(split) if "loss" in r for k in keys]
+    expected = [r[k] for r in records(straight) if "loss" in r for k in keys]
+    assert len(logged) == 4 * len(keys) and logged == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
 def test_accumulation_equals_bigger_batch(tiny_model_dir, pairs_file, tmp_path, cache):

@@ -2,10 +2,21 @@
 
 from .head import IGNORE_INDEX, HeadOutput, dense_head_logps, shift_labels
 from .head_chunked import chunked_head_logps
-from .sam import Ascent, FullSAM, first_order_ratio, head_fn, logits_sam, sam_perturbation, sequence_logps
+from .sam import (
+    VARIANTS,
+    Ascent,
+    FullSAM,
+    first_order_ratio,
+    head_fn,
+    logits_sam,
+    sam_ascent,
+    sam_perturbation,
+    sequence_logps,
+)
 
 __all__ = [
     "IGNORE_INDEX",
+    "VARIANTS",
     "Ascent",
     "first_order_ratio",
     "FullSAM",
@@ -14,6 +25,7 @@ __all__ = [
     "dense_head_logps",
     "head_fn",
     "logits_sam",
+    "sam_ascent",
     "sam_perturbation",
     "sequence_logps",
     "shift_labels",

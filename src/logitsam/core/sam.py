@@ -31,8 +31,11 @@ def _reduce_squared_norm(sq: torch.Tensor, norm: str) -> torch.Tensor:
     return sq
 
 
+VARIANTS = ("plain", "adaptive", "asam")
+
+
 class Ascent(NamedTuple):
-    """The SAM ascent step for one weight.
+    """The SAM ascent step for one weight (or, from ``sam_ascent``, one list of weights).
 
     eps (V, d): the perturbation (a constant); ``weight.dtype``, except float32 for a float16 weight
         (eps entries ~1e-7 underflow float16).
@@ -41,57 +44,61 @@ class Ascent(NamedTuple):
         perturbation should cause (``rho * ||g||`` for plain SAM with ``norm="local"``).
     """
 
-    eps: torch.Tensor
+    eps: torch.Tensor | list[torch.Tensor]
     grad_norm: torch.Tensor
     first_order: torch.Tensor
 
 
-def sam_perturbation(
-    grad: torch.Tensor,
-    weight: torch.Tensor,
-    rho: float,
-    *,
-    norm: str = "local",
-    adaptive: bool = False,
-    asam: bool = False,
-    inplace: bool = False,
-) -> Ascent:
-    """The ascent step ``eps`` for one weight, the norm that scaled it, and its first-order effect.
+def check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"SAM variant must be one of {VARIANTS}, got {variant!r}")
+    return variant
 
-    - plain SAM:            eps = rho * g / ||g||
+
+def sam_ascent(grads: list[torch.Tensor], weights: list[torch.Tensor], rho: float, *, norm: str = "local",
+               variant: str = "plain", inplace: bool = False) -> Ascent:
+    """The ascent step over a list of weights, one norm for all of them (logits-SAM: the head; full SAM: all).
+
+    - ``plain`` (Foret et al. 2021, Eq. 2): eps = rho * g / ||g||
     - ``adaptive`` (the logits-SAM authors' flag): eps = rho * (|W| g) / || |W| g ||
-    - ``asam`` (Kwon et al., ICML 2021, Eq. 8):    eps = rho * (W^2 g) / || |W| g ||
+    - ``asam`` (Kwon et al., ICML 2021, Eq. 8): eps = rho * (W^2 g) / || |W| g ||
 
-    The squared norm is accumulated in float32 and clamped at 1e-12 before the square root is used
-    as a divisor. ``norm="global"`` averages it over ranks when torch.distributed is initialised.
+    Norms are over all the tensors together, accumulated in float32 and clamped at 1e-12 before the
+    square root is used as a divisor. ``norm="global"`` averages the squared norm over ranks when
+    torch.distributed is initialised (one scalar all-reduce).
 
     Args:
-        grad (V, d): gradient of the loss w.r.t. the weight (logit path only for logits-SAM).
-        weight (V, d): the unperturbed weight (used by adaptive/asam only).
-        inplace: plain SAM may scale a float32 ``grad`` in place (saves one (V, d) buffer).
+        grads: gradients ``g`` (logit path only for logits-SAM), one per weight.
+        weights: the unperturbed weights (read by adaptive/asam only).
+        inplace: plain SAM may scale float32 gradients in place (saves one buffer each).
     Returns:
-        ``Ascent(eps, grad_norm, first_order)``; eps is a constant (no graph).
+        ``Ascent(eps list, grad_norm, first_order)``.
     """
-    if adaptive and asam:
-        raise ValueError("choose at most one of adaptive (the authors' |W|-scaled variant) and asam")
-    g = grad.detach().float()
-    if adaptive or asam:
-        w_abs = weight.detach().float().abs()
-        scaled = w_abs * g
-    else:
-        scaled = g
-    local_sq = scaled.square().sum()  # cascade-summed in float32
+    check_variant(variant)
+    g = [x.detach().float() for x in grads]
+    w_abs = [w.detach().float().abs() for w in weights] if variant != "plain" else None
+    scaled = g if variant == "plain" else [a * x for a, x in zip(w_abs, g, strict=True)]
+    local_sq = torch.stack([x.square().sum() for x in scaled]).sum()
     # <g, eps> / factor: sum g^2 (plain), sum |W| g^2 (adaptive), sum W^2 g^2 (asam)
-    along = (scaled * g).sum() if adaptive else local_sq.clone()
+    along = torch.stack([(x * y).sum() for x, y in zip(scaled, g, strict=True)]).sum() if variant == "adaptive" \
+        else local_sq.clone()
     grad_norm = _reduce_squared_norm(local_sq, norm).sqrt()
     factor = rho / grad_norm.clamp_min(NORM_FLOOR)
-    fresh = adaptive or asam or inplace or g.data_ptr() != grad.data_ptr()  # may we write into `scaled`?
-    if asam:
-        eps = scaled.mul_(w_abs).mul_(factor)
-    else:
-        eps = scaled.mul_(factor) if fresh else scaled * factor
-    eps_dtype = torch.float32 if weight.dtype == torch.float16 else weight.dtype
-    return Ascent(eps.to(eps_dtype), grad_norm, along * factor)
+    eps = []
+    for i, (x, orig) in enumerate(zip(scaled, grads, strict=True)):
+        fresh = variant != "plain" or inplace or x.data_ptr() != orig.data_ptr()  # may we write into x?
+        if variant == "asam":
+            x = x.mul_(w_abs[i])
+        x = x.mul_(factor) if fresh else x * factor
+        eps.append(x.to(torch.float32 if weights[i].dtype == torch.float16 else weights[i].dtype))
+    return Ascent(eps, grad_norm, along * factor)
+
+
+def sam_perturbation(grad: torch.Tensor, weight: torch.Tensor, rho: float, *, norm: str = "local",
+                     variant: str = "plain", inplace: bool = False) -> Ascent:
+    """``sam_ascent`` for one weight: ``Ascent(eps (V, d), grad_norm, first_order)``."""
+    eps, grad_norm, first_order = sam_ascent([grad], [weight], rho, norm=norm, variant=variant, inplace=inplace)
+    return Ascent(eps[0], grad_norm, first_order)
 
 
 def head_fn(chunk_size: int | None = None, vocab_chunk_size: int | None = DEFAULT_VOCAB_CHUNK_SIZE
@@ -133,8 +140,7 @@ def logits_sam(
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = DEFAULT_VOCAB_CHUNK_SIZE,
     norm: str = "local",
-    adaptive: bool = False,
-    asam: bool = False,
+    variant: str = "plain",
 ) -> tuple[torch.Tensor, dict]:
     """The preference loss at the logits-SAM-perturbed head, in one backbone pass.
 
@@ -154,7 +160,7 @@ def logits_sam(
         rho: SAM radius; 0 gives exactly the plain loss and gradients.
         chunk_size, vocab_chunk_size: None for the dense head, else the chunked head's sizes.
         norm: ``"local"`` (per device and micro-batch, the authors' choice) or ``"global"``.
-        adaptive, asam: the authors' |W|-scaled variant, or true ASAM.
+        variant: ``plain``, ``adaptive`` (the authors' |W|-scaled eps) or ``asam`` (see ``sam_ascent``).
     Returns:
         loss (0-dim tensor) at the perturbed head, and stats: ``loss_pre``, ``loss_post``,
         ``grad_norm``, ``first_order`` (``<g, eps>``, the change ``loss_post - loss_pre`` should show
@@ -174,7 +180,7 @@ def logits_sam(
         clean = head(hidden.detach(), w0, b0, labels, with_stats=True)
         loss_pre = loss_fn(clean)
         (grad_w,) = torch.autograd.grad(loss_pre, w0)
-    ascent = sam_perturbation(grad_w, weight, rho, norm=norm, adaptive=adaptive, asam=asam, inplace=True)
+    ascent = sam_perturbation(grad_w, weight, rho, norm=norm, variant=variant, inplace=True)
     del grad_w
     perturbed = head(hidden, weight, bias, labels, with_stats=False, weight_delta=ascent.eps)
     loss = loss_fn(perturbed)
@@ -208,13 +214,15 @@ class FullSAM:
         loss(model).backward(); sam.first_step(); model.zero_grad()
         loss(model).backward(); sam.second_step(); optimizer.step()
 
-    ``second_step`` copies the saved weights back instead of subtracting eps, so the restore is exact.
+    The perturbation is ``sam_ascent`` over all parameters with a gradient, the same formula (and the
+    same ``variant`` meaning) as logits-SAM's. ``second_step`` copies the saved weights back instead of
+    subtracting eps, so the restore is exact.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], rho: float, *, norm: str = "local",
-                 adaptive: bool = False):
+                 variant: str = "plain"):
         self.params = [p for p in params if p.requires_grad]
-        self.rho, self.norm, self.adaptive = rho, norm, adaptive
+        self.rho, self.norm, self.variant = rho, norm, check_variant(variant)
         self._saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
 
     @torch.no_grad()
@@ -225,15 +233,11 @@ class FullSAM:
         with_grad = [p for p in self.params if p.grad is not None]
         if not with_grad:
             raise RuntimeError("FullSAM.first_step: no parameter has a gradient; call backward() first")
-        scaled = [(p.abs() * p.grad if self.adaptive else p.grad).float() for p in with_grad]
-        sq = torch.stack([s.square().sum() for s in scaled]).sum()
-        grad_norm = _reduce_squared_norm(sq, self.norm).sqrt()
-        factor = self.rho / grad_norm.clamp_min(NORM_FLOOR)
-        for p, s in zip(with_grad, scaled, strict=True):
+        ascent = sam_ascent([p.grad for p in with_grad], with_grad, self.rho, norm=self.norm, variant=self.variant)
+        for p, eps in zip(with_grad, ascent.eps, strict=True):
             self._saved.append((p, p.detach().clone()))
-            direction = p.abs().float() * s if self.adaptive else s
-            p.add_((direction * factor).to(p.dtype))
-        return float(grad_norm)
+            p.add_(eps.to(p.dtype))
+        return float(ascent.grad_norm)
 
     @torch.no_grad()
     def second_step(self) -> None:

@@ -1,10 +1,11 @@
 """`PreferenceTrainer`: transformers.Trainer with DPO-family losses and logits-SAM / full SAM.
 
 One training micro-batch, readable in one sitting (``compute_loss``):
-  backbone once through the (possibly DDP/PEFT-wrapped) model -> final hidden states (2B, T, d)
-  -> head pass: plain (``sequence_logps``) or logits-SAM (``logits_sam``) -> preference loss
+  one forward of the outermost (DDP / FSDP2 / DeepSpeed / PEFT-wrapped) model, inside which the backbone gives the
+  final hidden states (2B, T, d) and the LM head's forward runs the head pass: plain (``sequence_logps``) or
+  logits-SAM (``logits_sam``) -> preference loss (``_inside.py``: the wrapper gathers a sharded head there)
   -> metrics with TRL's names. Full SAM wraps ``training_step`` in two passes instead.
-Checkpointing, resume, accumulation, mixed precision, ``report_to`` and DDP come from Trainer.
+Checkpointing, resume, accumulation, mixed precision, ``report_to``, DDP, FSDP2 and DeepSpeed come from Trainer.
 """
 
 from __future__ import annotations
@@ -20,13 +21,20 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .._atomic import commit_dir, staging_dir, start_staging
+from .._atomic import write_text as atomic_write_text
 from .._memory import peak_rss_bytes
 from ..core import FullSAM, first_order_ratio, logits_sam, sequence_logps
 from ..core.head import HALF_DTYPES, shift_labels
 from ..core.losses import preference_loss, requires_reference
 from ..diagnostics.squeeze import dpo_metrics, squeeze_metrics
-from ..models import forward_hidden, lm_head_of, reference_context
+from ..models import reference_context
+from ._inside import head_inside_forward
+from .checkpoints import rotate_checkpoints
+from .config import ConfigError
 
 logger = logging.getLogger("logitsam.train")
 
@@ -62,7 +70,7 @@ class PreferenceTrainer(Trainer):
 
     Args (besides Trainer's):
         loss_type, beta, loss_params: the preference loss (``logitsam.losses.preference_loss``).
-        sam: "none", "logits" or "full"; sam_rho, sam_norm, sam_adaptive, sam_asam: its settings.
+        sam: "none", "logits" or "full"; sam_rho, sam_norm, sam_variant (plain, adaptive, asam): its settings.
         chunk_size, vocab_chunk_size: the LM-head chunking of every head pass (None: dense).
         ref_model: a frozen reference, or None when log-probs are precomputed in the dataset,
             the loss is reference-free, or ``ref_adapter_off`` (PEFT: the policy without adapters).
@@ -71,37 +79,54 @@ class PreferenceTrainer(Trainer):
     """
 
     def __init__(self, *args, loss_type="sigmoid", beta=0.1, loss_params=None, sam="none", sam_rho=1e-4,
-                 sam_norm="local", sam_adaptive=False, sam_asam=False, chunk_size=None, vocab_chunk_size=8192,
+                 sam_norm="local", sam_variant="plain", chunk_size=None, vocab_chunk_size=8192,
                  ref_model=None, ref_adapter_off=False, ref_is_initial_policy=True, on_nonfinite="stop", **kwargs):
         super().__init__(*args, **kwargs)
+        self._check_sharding(sam)
         self.loss_type, self.beta, self.loss_params = loss_type, beta, dict(loss_params or {})
         self.sam, self.sam_rho, self.sam_norm = sam, sam_rho, sam_norm
-        self.sam_adaptive, self.sam_asam = sam_adaptive, sam_asam
+        self.sam_variant = sam_variant
         self.chunks = {"chunk_size": chunk_size, "vocab_chunk_size": vocab_chunk_size}
         self.ref_model, self.ref_adapter_off, self.on_nonfinite = ref_model, ref_adapter_off, on_nonfinite
         self.ref_is_initial_policy = ref_is_initial_policy
         self.needs_reference = requires_reference(loss_type)
         # our loss is a mean over pairs: let Trainer divide it by the accumulation steps
         self.model_accepts_loss_kwargs = False
-        self.full_sam = FullSAM(self.model.parameters(), sam_rho, norm=sam_norm, adaptive=sam_adaptive) \
+        self.full_sam = FullSAM(self.model.parameters(), sam_rho, norm=sam_norm, variant=sam_variant) \
             if sam == "full" else None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._skip_step = False
+        self._nonfinite_in_step = False  # this rank saw a non-finite loss in the current optimizer step
         self._record = True
         self._ratio_warned = False
         self._check_master_weights()
-        logger.info("sam=%s rho=%g norm=%s adaptive=%s asam=%s head=%s", sam, sam_rho, sam_norm, sam_adaptive,
-                    sam_asam, "dense" if chunk_size is None else f"chunked({chunk_size})")
+        if on_nonfinite == "skip":
+            self.add_callback(_SkipPoisonedStep(self))
+        logger.info("sam=%s rho=%g norm=%s variant=%s head=%s", sam, sam_rho, sam_norm, sam_variant,
+                    "dense" if chunk_size is None else f"chunked({chunk_size})")
+
+    def _check_sharding(self, sam):
+        """Refuse full SAM on sharded weights; say so when accelerate quietly drops ``fsdp`` (CPU, one process)."""
+        sharded = [k for k, on in (("fsdp", self.is_fsdp_enabled), ("deepspeed", self.is_deepspeed_enabled)) if on]
+        if sam == "full" and sharded:
+            raise ConfigError(
+                f"config key 'sam' = 'full' cannot run with {sharded[0]!r} (sharded weights or gradients): full "
+                "SAM saves and perturbs every parameter outside the wrapper's forward, where each rank holds only a "
+                "shard, and takes its parameter list before the wrapper replaces the parameters. Use sam: logits "
+                f"(exact under sharding), or full SAM without {sharded[0]} (DDP)")
+        if getattr(self.args, "fsdp_plugin_args", None) is not None and not self.is_fsdp_enabled:
+            logger.warning("fsdp is set, but accelerate did not enable it (it does for distributed runs on GPUs and "
+                           "other accelerators only): this %s run is not sharded (%s)", self.accelerator.device.type,
+                           self.accelerator.distributed_type)
 
     def _check_master_weights(self):
         n_half, half_dtype = unmastered_half_params(self.model, self.args)
         if not n_half:
             return
         if half_dtype == torch.float16:
-            raise ValueError(
-                "dtype: float16 weights cannot be trained here (the fp16 gradient scaler refuses fp16 "
-                "parameters and updates would underflow): load float32 weights (dtype: float32) and set "
-                "fp16: true for fp16 autocast, or use bf16: true")
+            raise ConfigError(
+                "config key 'dtype' = 'float16': float16 weights cannot be trained here (the fp16 gradient scaler "
+                "refuses fp16 parameters and updates would underflow): load float32 weights (dtype: float32) and "
+                "set fp16: true for fp16 autocast, or use bf16: true")
         logger.warning(
             "%d trainable parameters are %s and the optimizer keeps no float32 copy: AdamW updates smaller "
             "than ~1/256 of a weight are rounded away (at learning_rate 5e-7 almost every update). "
@@ -121,10 +146,14 @@ class PreferenceTrainer(Trainer):
             model, ctx = self.model, reference_context(self.model)
         else:
             raise ValueError("loss needs reference log-probs, but no reference model or precomputed values exist")
+
+        def head_pass(hidden, head):  # inside the model's forward, where a sharded head is gathered
+            return sequence_logps(hidden, head, labels, with_stats=False, **self.chunks).logps  # (2B,)
+
         with ctx:
-            hidden = forward_hidden(model, inputs["input_ids"], inputs["attention_mask"])
-            out = sequence_logps(hidden, lm_head_of(model), labels, with_stats=False, **self.chunks)
-        return out.chosen_logps.detach(), out.rejected_logps.detach()
+            logps = head_inside_forward(model, inputs["input_ids"], inputs["attention_mask"], head_pass).detach()
+        n = logps.shape[0] // 2
+        return logps[:n], logps[n:]
 
     # ---- one micro-batch ---------------------------------------------------------------------
     def _loss_fn(self, ref_chosen, ref_rejected, keep):
@@ -142,33 +171,43 @@ class PreferenceTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = shift_labels(inputs["labels"])  # (2B, T): the token each position predicts
         ref_chosen, ref_rejected = self._reference_logps(inputs, labels)
-        hidden = forward_hidden(model, inputs["input_ids"], inputs["attention_mask"])  # (2B, T, d)
-        head = lm_head_of(model)
         rewards: list = []
         loss_fn = self._loss_fn(ref_chosen, ref_rejected, rewards)
-        sam_stats = {}
-        if self.sam == "logits" and model.training:
-            loss, stats = logits_sam(hidden, head, labels, loss_fn, self.sam_rho, norm=self.sam_norm,
-                                     adaptive=self.sam_adaptive, asam=self.sam_asam, **self.chunks)
-            out = stats.pop("clean")
+        sam = self.sam == "logits" and model.training
+        side = {}  # the clean pass's detached HeadOutput and the SAM statistics, out of the forward
+
+        def head_pass(hidden, head):  # hidden (2B, T, d); runs as the head's forward, so a sharded head is gathered
+            if sam:
+                loss, stats = logits_sam(hidden, head, labels, loss_fn, self.sam_rho, norm=self.sam_norm,
+                                         variant=self.sam_variant, **self.chunks)
+                side["out"], side["stats"] = stats.pop("clean"), stats
+                return loss
+            out = sequence_logps(hidden, head, labels, **self.chunks)
+            side["out"] = out.detach()
+            return loss_fn(out)
+
+        # backbone and the whole head computation inside the outermost wrapper's forward (see _inside.py)
+        loss = head_inside_forward(model, inputs["input_ids"], inputs["attention_mask"], head_pass)
+        out, sam_stats = side["out"], {}
+        if sam:
+            stats = side["stats"]
             stats["first_order_ratio"] = self._check_ratio(stats)
             sam_stats = {f"sam/{k}": v for k, v in stats.items()}
-        else:
-            out = sequence_logps(hidden, head, labels, **self.chunks)
-            loss = loss_fn(out)
         mode = "train" if model.training else "eval"
-        if not torch.isfinite(loss.detach()):
-            loss = self._handle_nonfinite(loss, hidden)
-        elif self._record:
+        finite = bool(torch.isfinite(loss.detach()))
+        if self._record:  # on every rank, finite or not: the metrics gather is a collective
             chosen_rewards, rejected_rewards = rewards[0]  # clean-pass rewards
             self._log_metrics(mode, out.detach(), chosen_rewards, rejected_rewards, ref_chosen, ref_rejected,
-                              inputs, sam_stats)
+                              inputs, sam_stats, poisoned=not finite)
+        if not finite:
+            loss = self._handle_nonfinite(loss, model)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
 
     def _check_ratio(self, stats) -> float:
         """``sam/first_order_ratio``, with one clear warning per run when it leaves ``RATIO_BAND``."""
         r = first_order_ratio(stats["loss_pre"], stats["loss_post"], stats["first_order"])
-        if self._ratio_warned or not ratio_is_measurable(stats["loss_pre"], stats["first_order"]):
+        if self._ratio_warned or not math.isfinite(r) or not ratio_is_measurable(stats["loss_pre"],
+                                                                                 stats["first_order"]):
             return r
         if not RATIO_BAND[0] <= r <= RATIO_BAND[1]:
             self._ratio_warned = True
@@ -180,48 +219,69 @@ class PreferenceTrainer(Trainer):
                            r, self.state.global_step, RATIO_BAND, why)
         return r
 
-    def _handle_nonfinite(self, loss, hidden):
+    def _handle_nonfinite(self, loss, model):
+        """``stop``: raise. ``skip``: mark this optimizer step as poisoned and return the non-finite loss as it is.
+
+        Its backward runs like any other, so every rank issues the same gradient collectives (DDP all-reduce,
+        FSDP2 reduce-scatter, ZeRO-3): no rank waits for one that bailed out. The poisoned gradients (NaN on
+        every rank once reduced) are then dropped, all of them, by ``_agree_on_skip`` before the optimizer step.
+        """
         step = self.state.global_step
         message = (f"non-finite loss ({float(loss.detach())}) at step {step}; "
                    "lower the learning rate or sam_rho, or check the data")
         if self.on_nonfinite == "stop":
             raise NonFiniteLossError(message + " (on_nonfinite=stop: no checkpoint is written from this state)")
+        if not model.training:
+            return loss  # an evaluation step: reported as it is, nothing to skip
         logger.warning("%s: skipping this optimizer step (on_nonfinite=skip)", message)
-        self._skip_step = True
+        self._nonfinite_in_step = True
+        return loss
+
+    def _agree_on_skip(self) -> bool:
+        """Right before ``optimizer.step``: did any rank see a non-finite loss in this step? (One collective.)
+
+        If so, every rank drops the step's gradients (all micro-batches), so AdamW and friends leave the
+        weights and their state untouched; the learning-rate schedule still advances.
+        """
+        flag = torch.tensor([float(self._nonfinite_in_step)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        self._nonfinite_in_step = False
+        if float(flag) == 0:
+            return False
+        self.model.zero_grad(set_to_none=True)
         self._metrics["train"]["nonfinite_skipped"].append(1.0)
-        return hidden.new_zeros((), requires_grad=True)
+        return True
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.full_sam is None:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        else:
-            loss = self._full_sam_step(model, inputs, num_items_in_batch)
-        if self._skip_step:
-            # drop the accumulated gradients: AdamW and friends skip parameters whose grad is None
-            model.zero_grad(set_to_none=True)
-            self._skip_step = False
-        return loss
+            return super().training_step(model, inputs, num_items_in_batch)
+        return self._full_sam_step(model, inputs, num_items_in_batch)
 
     def _full_sam_step(self, model, inputs, num_items_in_batch):
-        """Two passes on this micro-batch: gradient at w, ascend to w + eps, gradient there, restore w."""
+        """Two passes on this micro-batch: gradient at w, ascend to w + eps, gradient there, restore w.
+
+        The ascent pass sees this micro-batch alone (earlier micro-batches' gradients are set aside) and runs
+        without DDP gradient sync: per-device SAM (``sam_norm: global`` all-reduces only the squared norm).
+        The earlier gradients are put back *before* the second pass, so the second pass accumulates onto them
+        and DDP's all-reduce on the step's last micro-batch reduces the whole accumulated SAM gradient.
+        """
         params = self.full_sam.params
         earlier = [p.grad for p in params]  # gradients accumulated from earlier micro-batches
         for p in params:
             p.grad = None
-        loss_pre = super().training_step(model, inputs, num_items_in_batch)
-        if self._skip_step:
-            return loss_pre
+        no_sync = self.accelerator.no_sync(model) if self.accelerator.num_processes > 1 else nullcontext()
+        with no_sync:
+            loss_pre = super().training_step(model, inputs, num_items_in_batch)
         grad_norm = self.full_sam.first_step()
-        model.zero_grad(set_to_none=True)
+        for p, g in zip(params, earlier, strict=True):
+            p.grad = g
         self._record = False
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._record = True
             self.full_sam.second_step()
-        for p, g in zip(params, earlier, strict=True):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad.add_(g)
         scale = self.current_gradient_accumulation_steps
         self._metrics["train"]["sam/loss_pre"].append(float(loss_pre) * scale)
         self._metrics["train"]["sam/loss_post"].append(float(loss) * scale)
@@ -229,7 +289,10 @@ class PreferenceTrainer(Trainer):
         return loss
 
     # ---- metrics -----------------------------------------------------------------------------
-    def _log_metrics(self, mode, out, chosen_rewards, rejected_rewards, ref_chosen, ref_rejected, inputs, extra):
+    def _log_metrics(self, mode, out, chosen_rewards, rejected_rewards, ref_chosen, ref_rejected, inputs, extra,
+                     poisoned=False):
+        """Gather this micro-batch's metrics over ranks (one collective). A ``poisoned`` (non-finite) micro-batch
+        sends NaN, so its metrics are left out of the logged means on every rank."""
         gather = self.accelerator.gather  # per-rank means, not samples: no end-of-data truncation
         init = (inputs.get("init_chosen_logps"), inputs.get("init_rejected_logps"))
         if init[0] is None and self.ref_is_initial_policy:
@@ -240,6 +303,8 @@ class PreferenceTrainer(Trainer):
         # one collective per step for all metrics: stack, gather (R ranks, K), average over ranks
         keys = list(metrics)
         values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float32, device=self.accelerator.device)
+        if poisoned:
+            values.fill_(float("nan"))
         means = gather(values[None]).reshape(-1, len(keys)).mean(0).tolist()
         store = self._metrics[mode]
         for key, value in zip(keys, means, strict=True):
@@ -261,13 +326,71 @@ class PreferenceTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    # ---- never save a poisoned state ---------------------------------------------------------
+    # ---- checkpoints: never a poisoned state, never a partial folder ----------------------------
+    _checkpoint_run_dir = None  # set while Trainer writes a checkpoint: the staging folder it writes into
+
     def _save_checkpoint(self, model, trial):
-        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        """Trainer's checkpoint, built in a hidden staging folder and renamed to ``checkpoint-N`` once every
+        rank has written its part (weights, optimizer, scheduler, RNG, trainer_state.json): a run killed at
+        any moment leaves each ``checkpoint-N`` complete or absent. Rotation (``save_total_limit``) runs after."""
+        bad = nonfinite_parameters(self.model, self.accelerator)
         if bad:
             raise NonFiniteLossError(f"refusing to checkpoint at step {self.state.global_step}: "
                                      f"non-finite values in {bad[:3]}{'...' if len(bad) > 3 else ''}")
-        return super()._save_checkpoint(model, trial)
+        run_dir = self._get_output_dir(trial)
+        final = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged = staging_dir(final)
+        if self.args.should_save:
+            start_staging(final)
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_run_dir = str(staged.parent)  # Trainer writes <run dir>/checkpoint-N: the staged one
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_run_dir = None
+        if self.state.best_model_checkpoint == str(staged):
+            self.state.best_model_checkpoint = str(final)
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are in
+        if self.args.should_save:
+            commit_dir(staged, final)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()  # no rank goes on before checkpoint-N exists
+
+    def _get_output_dir(self, trial):
+        return self._checkpoint_run_dir or super()._get_output_dir(trial)
+
+
+def _local_values(p: torch.Tensor) -> torch.Tensor:
+    """This rank's own values of a parameter: the local shard of an FSDP2 DTensor, a ZeRO-3 partition."""
+    if hasattr(p, "ds_tensor"):  # DeepSpeed ZeRO-3: the parameter itself is an empty placeholder
+        return p.ds_tensor
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def nonfinite_parameters(model, accelerator) -> list[str]:
+    """Names of parameters holding a non-finite value on *any* rank (one all-reduce of per-parameter flags).
+
+    Under sharding each rank sees only its shard, so a local check alone would let one rank raise while the
+    others enter the collective save and wait forever.
+    """
+    named = list(model.named_parameters())
+    flags = torch.tensor([float(not torch.isfinite(_local_values(p).detach()).all()) for _, p in named],
+                         device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    return [n for (n, _), f in zip(named, flags.tolist(), strict=True) if f > 0]
+
+
+class _SkipPoisonedStep(TrainerCallback):
+    """``on_nonfinite: skip``: one decision per optimizer step, agreed by all ranks (see ``_agree_on_skip``)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._agree_on_skip()
 
 
 class CostCallback(TrainerCallback):
@@ -306,7 +429,12 @@ class CostCallback(TrainerCallback):
 
 
 class MetricsJsonlCallback(TrainerCallback):
-    """Appends every log record to ``output_dir/metrics.jsonl``; on resume, drops records past the checkpoint."""
+    """Appends every log record to ``output_dir/metrics.jsonl``.
+
+    At train begin (fresh or resumed) the file is cut back to the records up to the starting step, so each
+    step is in it once; the cut is one atomic rewrite, and a last line that a killed run left half-written
+    is dropped.
+    """
 
     def __init__(self, output_dir):
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -314,9 +442,19 @@ class MetricsJsonlCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append((json.loads(line), line))
+            except json.JSONDecodeError as e:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.path}: line {i + 1} is not JSON ({e})") from e
+                logger.warning("%s: dropping a last line cut short by a killed run: %r", self.path, line[:80])
+        # a finished run's end-of-run summary (train_runtime, ...) no longer holds once the run continues
+        keep = [line for record, line in records
+                if record.get("step", 0) <= state.global_step and "train_runtime" not in record]
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))  # a kill here keeps the old file
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

@@ -1,0 +1,147 @@
+"""The reference precompute: only the pairs the run reads, on the training device, cheap cache key."""
+
+import copy
+import time
+
+import pytest
+import torch
+from _run_config import run_config, write_pairs
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+import logitsam.train.reference as reference
+import logitsam.train.run as run
+from logitsam.data import build_preference_dataset
+from logitsam.models import load_tokenizer
+from logitsam.train.reference import RequireReference, cached_reference_logps, model_identity
+from logitsam.train.run import run_training
+
+
+@pytest.fixture
+def pairs40(tmp_path):
+    return write_pairs(tmp_path / "pairs40.jsonl", 40)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOGITSAM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records (desc, rows computed, device of the model) for every reference pass."""
+    calls = []
+    real = reference.compute_reference_logps
+
+    def wrapped(model, dataset, indices=None, **kw):
+        n = len(dataset) if indices is None else len(indices)
+        calls.append((kw.get("desc"), n, next(model.parameters()).device))
+        return real(model, dataset, indices, **kw)
+
+    monkeypatch.setattr(reference, "compute_reference_logps", wrapped)
+    return calls
+
+
+def test_max_steps_run_precomputes_only_the_pairs_it_reads(tiny_model_dir, pairs40, tmp_path, cache, spy, caplog):
+    """36 train pairs, 3 steps x batch 2 x accumulation 2 = 12 read, + the 2 of accelerate's look-ahead batch.
+
+    The run finishing proves the plan matched the Trainer's order: ``RequireReference`` raises on any
+    batch holding a row that was not computed.
+    """
+    with caplog.at_level("INFO", logger="logitsam.train"):
+        result = run_training(run_config(tiny_model_dir, pairs40, tmp_path / "run", max_steps=3,
+                                     per_device_train_batch_size=2, gradient_accumulation_steps=2))
+    assert result["global_step"] == 3
+    computed = {desc: n for desc, n, _ in spy}
+    assert computed == {"reference log-probs": 3 * 2 * 2 + 2, "reference log-probs (eval)": 4}
+    assert "this process reads 14 of 36 rows" in caplog.text
+
+
+def test_epoch_run_precomputes_every_pair(tiny_model_dir, pairs40, tmp_path, cache, spy):
+    run_training(run_config(tiny_model_dir, pairs40, tmp_path / "run", max_steps=-1, num_train_epochs=1,
+                        per_device_train_batch_size=8))
+    assert {desc: n for desc, n, _ in spy} == {"reference log-probs": 36, "reference log-probs (eval)": 4}
+
+
+def test_a_row_outside_the_plan_is_an_error(tiny_model_dir, pairs40, tmp_path, cache, monkeypatch):
+    """A wrong plan must stop the run, never train against a NaN (or zero) reference."""
+    monkeypatch.setattr(run, "consumed_indices", lambda *a, **k: [0, 1])
+    with pytest.raises(RuntimeError, match="without a precomputed ref_chosen_logps"):
+        run_training(run_config(tiny_model_dir, pairs40, tmp_path / "run", max_steps=2))
+
+
+def test_require_reference_passes_complete_batches():
+    collate = RequireReference(lambda rows: {"ref_chosen_logps": torch.tensor([r["c"] for r in rows])})
+    assert collate([{"c": -1.0}, {"c": -2.0}])["ref_chosen_logps"].tolist() == [-1.0, -2.0]
+    with pytest.raises(RuntimeError, match="index"):
+        collate([{"c": -1.0, "index": 3}, {"c": float("nan"), "index": 7}])
+
+
+def _expected_device(tmp_path, use_cpu):
+    return TrainingArguments(output_dir=str(tmp_path / "args"), use_cpu=use_cpu, report_to="none").device
+
+
+DEVICES = [pytest.param(True, id="cpu"),
+           pytest.param(False, id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("use_cpu", DEVICES)
+def test_precompute_runs_on_the_trainer_device(tiny_model_dir, pairs40, tmp_path, cache, spy, use_cpu):
+    run_training(run_config(tiny_model_dir, pairs40, tmp_path / "run", max_steps=1, use_cpu=use_cpu))
+    expected = _expected_device(tmp_path, use_cpu)
+    assert spy and all(device == expected for _, _, device in spy), (spy, expected)
+
+
+@pytest.mark.parametrize("use_cpu", DEVICES)
+def test_reference_model_moves_to_the_trainer_device(tiny_model_dir, pairs40, tmp_path, cache, monkeypatch, use_cpu):
+    """``precompute_ref_log_probs: false``: the separate reference runs every step, so it sits on that device."""
+    loaded = []
+    real = run.load_reference
+    monkeypatch.setattr(run, "load_reference", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    run_training(run_config(tiny_model_dir, pairs40, tmp_path / "run", max_steps=1, use_cpu=use_cpu,
+                        precompute_ref_log_probs=False))
+    expected = _expected_device(tmp_path, use_cpu)
+    assert len(loaded) == 1 and {p.device for p in loaded[0].parameters()} == {expected}
+
+
+# ---- the cache ---------------------------------------------------------------------------------
+def test_cache_grows_with_the_rows_a_later_run_reads(tiny_model_dir, pairs40, tmp_path, spy):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    dataset, _ = build_preference_dataset(pairs40, tokenizer, max_length=32, max_prompt_length=16)
+    pad = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    kw = dict(pad_token_id=pad, batch_size=4, cache_dir=tmp_path)
+    c1, _ = cached_reference_logps(model, dataset, [0, 1, 2], **kw)
+    c2, r2 = cached_reference_logps(model, dataset, range(6), **kw)
+    assert [n for _, n, _ in spy] == [3, 3]  # the second call computes only rows 3..5
+    assert torch.equal(c2[:3], c1[:3]) and not c2[:6].isnan().any() and c2[6:].isnan().all()
+    full_c, full_r = reference.compute_reference_logps(model, dataset, range(6), pad_token_id=pad, batch_size=4)
+    torch.testing.assert_close(c2[:6], full_c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r2[:6], full_r, atol=1e-5, rtol=1e-5)
+    assert len(list((tmp_path / "ref_logps").glob("*.pt"))) == 1
+    assert not list((tmp_path / "ref_logps").glob("*.tmp"))
+
+
+def test_model_identity_tracks_weights_and_dtype(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    key = model_identity(model)
+    assert model_identity(copy.deepcopy(model)) == key
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.lm_head.weight[0, 0] += 1e-3  # every tensor is sampled, its first element always
+    assert model_identity(changed) != key
+    finetuned = copy.deepcopy(model)
+    with torch.no_grad():
+        finetuned.model.layers[1].mlp.down_proj.weight.mul_(1.001)  # a whole tensor moves, as in training
+    assert model_identity(finetuned) != key
+    assert model_identity(copy.deepcopy(model).to(torch.bfloat16)) != key
+
+
+def test_model_identity_does_not_read_every_weight(tiny_model_dir):
+    """A 2**28-element parameter (1 GiB in fp32, held as an expanded view): sampled in milliseconds."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    big = torch.nn.Parameter(torch.ones(()).expand(2**16, 2**12), requires_grad=False)
+    model.model.register_parameter("big", big)
+    start = time.perf_counter()
+    model_identity(model)
+    assert time.perf_counter() - start < 1.0  # hashing every byte: about 7 s here
