@@ -71,7 +71,8 @@ def test_tokenised_with_the_tiny_tokenizer(hh_path):
     p = row0["prompt_length"]
     prompt = tokenizer.decode(row0["chosen_input_ids"][:p], skip_special_tokens=False)
     completion = tokenizer.decode(row0["chosen_input_ids"][p:], skip_special_tokens=False)
-    assert prompt.endswith("<|im_start|>user\nokay some of these do not have anything to do with pens"
-                           "<|im_end|>\n<|im_start|>assistant\n")
-    assert completion == ("No, sorry!  All of these involve a pen, the point is that you can get funny results "
+    # the default trains on HH's raw text, as TRL does; max_prompt_length kept the prompt's last 256 characters
+    assert p == 256
+    assert prompt.endswith("\n\nHuman: okay some of these do not have anything to do with pens\n\nAssistant:")
+    assert completion == (" No, sorry!  All of these involve a pen, the point is that you can get funny results "
                           "by doing pranks with pens.<|im_end|>")

@@ -105,8 +105,9 @@ def test_broken_json_array_is_a_file_error(tmp_path):
 
 def test_prompt_too_long_is_named_or_counted(tmp_path, tiny_tokenizer):
     path = _write(tmp_path, [GOOD_PCR, {"prompt": "x" * 30, "chosen": "a", "rejected": "b"}, GOOD_PCR])
-    with pytest.raises(InvalidRowError, match=r"pairs\.jsonl: row 1, field 'prompt': prompt of 30 tokens "
-                                              r"leaves no room in max_length=20 \[prompt_too_long\]"):
+    with pytest.raises(InvalidRowError, match=r"pairs\.jsonl: row 1, field 'prompt': prompt of 30 tokens fills "
+                                              r"max_length=20; truncation_mode=keep_start leaves no completion "
+                                              r"token \[prompt_too_long\]"):
         build_preference_dataset(path, tiny_tokenizer, max_length=20, max_prompt_length=None)
     dataset, report = build_preference_dataset(
         path, tiny_tokenizer, max_length=20, max_prompt_length=None, on_invalid="drop"

@@ -8,9 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from ._formats import DATA_FORMATS, PreferenceExample, detect_format, normalize_rows
-from ._report import DropReport
+from ._report import DataError, DropReport, logger
 from ._sources import load_rows
 from ._tokenize import tokenize_examples
+
+# The columns each format reads; any others are reported once and ignored.
+_COLUMNS = {"hh": ("chosen", "rejected"), "prompt_chosen_rejected": ("prompt", "chosen", "rejected"),
+            "conversational": ("prompt", "chosen", "rejected")}
 
 
 def load_preference_examples(
@@ -34,11 +38,17 @@ def load_preference_examples(
         ``(examples, report)``; the report counts rows read and dropped, per reason.
     """
     if data_format != "auto" and data_format not in DATA_FORMATS:
-        raise ValueError(f"data_format={data_format!r}; allowed: auto, {', '.join(DATA_FORMATS)}")
+        raise DataError(f"data_format={data_format!r}; allowed: auto, {', '.join(DATA_FORMATS)}")
     report = DropReport(str(source), on_invalid=on_invalid)
     rows = load_rows(source, split, max_samples=max_samples, report=report)
+    records = [record for _, record in rows]
     if data_format == "auto":
-        data_format = detect_format([record for _, record in rows], str(source))
+        # With no JSON object to look at (every line broken, say), any format rejects each row for what it is.
+        has_objects = any(isinstance(r, dict) for r in records)
+        data_format = detect_format(records, str(source)) if has_objects else "prompt_chosen_rejected"
+    unused = sorted(set().union(*(r.keys() for r in records if isinstance(r, dict))) - set(_COLUMNS[data_format]))
+    if unused:
+        logger.info("%s: format %s; columns not used: %s", source, data_format, ", ".join(map(str, unused)))
     return normalize_rows(rows, data_format, report), report
 
 
@@ -48,19 +58,20 @@ def build_preference_dataset(
     *,
     split: str = "train",
     data_format: str = "auto",
-    max_length: int | None = 512,
-    max_prompt_length: int | None = 256,
-    truncation_mode: str = "keep_end",
+    max_length: int | None = 1024,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    chat_rendering: str = "trl",
+    apply_chat_template: bool | None = None,
     on_invalid: str = "error",
     max_samples: int | None = None,
     add_eos: bool = True,
-    apply_chat_template: bool | None = None,
 ):
     """Read, validate and tokenise a preference source in one call.
 
-    Rendering and truncation follow `logitsam.data._tokenize`: the prompt is cut to
-    ``max_prompt_length`` (``keep_end``: its last tokens; ``keep_start``: its first), then each
-    completion, EOS included, to the ``max_length - prompt_length`` tokens left.
+    Rendering and truncation follow `logitsam.data._tokenize`; the defaults tokenise as TRL 1.16 does
+    (chat template over the whole conversation, HH as raw text, ``keep_start`` on the whole sequence
+    at ``max_length=1024``).
 
     Returns:
         ``(dataset, report)``. The dataset has one row per kept pair with columns ``index`` (0..N-1, the
@@ -75,12 +86,12 @@ def build_preference_dataset(
     )
     columns = tokenize_examples(
         examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-        truncation_mode=truncation_mode, add_eos=add_eos, apply_chat_template=apply_chat_template,
-        report=report,
+        truncation_mode=truncation_mode, chat_rendering=chat_rendering, apply_chat_template=apply_chat_template,
+        add_eos=add_eos, report=report,
     )
     report.log_summary()
     if not columns["row"]:
-        raise ValueError(f"{report}: no valid preference pairs left")
+        raise DataError(f"{report}: no valid preference pairs left")
     dataset = Dataset.from_dict({"index": list(range(len(columns["row"]))), **columns})
     return dataset, report
 
@@ -96,14 +107,14 @@ def train_eval_split(dataset, eval_size: int | float, seed: int = 0):
     n = len(dataset)
     if isinstance(eval_size, float) and not isinstance(eval_size, bool):
         if not 0.0 < eval_size < 1.0:
-            raise ValueError(f"eval_size={eval_size}; a fraction must lie in (0, 1)")
+            raise DataError(f"eval_size={eval_size}; a fraction must lie in (0, 1)")
         n_eval = math.ceil(eval_size * n)
     elif isinstance(eval_size, int) and not isinstance(eval_size, bool):
         n_eval = eval_size
     else:
         raise TypeError(f"eval_size={eval_size!r}; expected an int or a float fraction")
     if not 1 <= n_eval < n:
-        raise ValueError(f"eval_size={eval_size} gives {n_eval} eval rows of {n}; both parts must be non-empty")
+        raise DataError(f"eval_size={eval_size} gives {n_eval} eval rows of {n}; both parts must be non-empty")
     eval_rows = set(random.Random(seed).sample(range(n), n_eval))
     train = dataset.select([i for i in range(n) if i not in eval_rows])
     return train, dataset.select(sorted(eval_rows))

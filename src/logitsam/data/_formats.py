@@ -8,7 +8,8 @@ where a message is ``{"role": "system" | "user" | "assistant", "content": str}``
   ``"\\n\\nAssistant: ..."`` turns. The prompt is their longest shared prefix that ends in
   ``"\\n\\nAssistant:"``, parsed into messages (turn text stripped of surrounding whitespace). Rows
   whose transcripts share no such prefix are ``unparseable_transcript``. Consecutive turns of one role
-  are kept as they are.
+  are kept as they are. The example also keeps ``text``: the raw transcripts split as TRL splits them
+  (`extract_prompt_text`), which is what the default tokenisation trains on.
 - ``prompt_chosen_rejected``: three strings. The prompt stays a string and, by default, is rendered
   as-is; the responses are kept verbatim.
 - ``conversational``: ``chosen``/``rejected`` are message lists whose last message is the assistant
@@ -19,11 +20,12 @@ where a message is ``{"role": "system" | "user" | "assistant", "content": str}``
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
-from ._report import DropReport
+from ._report import DataError, DropReport
 from ._sources import BadJSON
 
 DATA_FORMATS = ("hh", "prompt_chosen_rejected", "conversational")
@@ -39,6 +41,7 @@ class PreferenceExample(TypedDict):
     chosen: str
     rejected: str
     row: int
+    text: NotRequired[tuple[str, str, str]]  # hh only: (prompt, chosen, rejected) raw text, TRL's split
 
 
 class _Invalid(ValueError):
@@ -58,7 +61,7 @@ def detect_format(records: list[Any], source: str = "<rows>") -> str:
     columns = set().union(*(r.keys() for r in records if isinstance(r, dict)))
     missing = {"chosen", "rejected"} - columns
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{source}: cannot detect the data format: no {' or '.join(sorted(missing))} column "
             f"(columns: {', '.join(sorted(columns)) or 'none'}); formats: {', '.join(DATA_FORMATS)}"
         )
@@ -76,7 +79,7 @@ def normalize_rows(
     Invalid rows go to ``report.reject``, which raises or counts them as the report is configured.
     """
     if data_format not in DATA_FORMATS:
-        raise ValueError(f"data_format={data_format!r}; allowed: auto, {', '.join(DATA_FORMATS)}")
+        raise DataError(f"data_format={data_format!r}; allowed: auto, {', '.join(DATA_FORMATS)}")
     parse = _PARSERS[data_format]
     examples = []
     for row, record in rows:
@@ -90,8 +93,29 @@ def normalize_rows(
         except _Invalid as bad:
             report.reject(row, bad.field, bad.reason, bad.detail)
             continue
-        examples.append(PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, row=row))
+        example = PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, row=row)
+        if data_format == "hh":
+            example["text"] = extract_prompt_text(record["chosen"], record["rejected"])
+        examples.append(example)
     return examples
+
+
+def extract_prompt_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split two texts at their first differing character, as TRL 1.16's ``extract_prompt`` does for strings.
+
+    The prompt is the shared prefix, less a trailing space (which goes to both completions), so a response
+    start shared by chosen and rejected (``" I think"``) belongs to the prompt. Like TRL's loop, when one
+    text is a prefix of the other the split falls one character before the shorter one's end.
+
+    Returns:
+        ``(prompt, chosen_completion, rejected_completion)``; ``prompt + completion`` gives back each text.
+    """
+    n = len(os.path.commonprefix([chosen, rejected]))
+    if n == min(len(chosen), len(rejected)):
+        n -= 1
+    elif n > 0 and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
 
 
 def parse_hh_transcript(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]:
@@ -158,10 +182,19 @@ _PARSERS = {
 }
 
 
+def _missing(record: dict, field: str) -> str:
+    """Why ``field`` counts as missing, with the row's columns (and a likely misspelling) when it is absent."""
+    if field in record:
+        return "null"
+    hint = difflib.get_close_matches(field, [k for k in record if k not in ("prompt", "chosen", "rejected")], n=1)
+    columns = ", ".join(map(str, record)) or "none"
+    return f"missing (the row's columns: {columns})" + (f"; did you mean {hint[0]!r}?" if hint else "")
+
+
 def _string(record: dict, field: str) -> str:
     value = record.get(field)
     if value is None:
-        raise _Invalid("missing_field", field, "missing or null")
+        raise _Invalid("missing_field", field, _missing(record, field))
     if not isinstance(value, str):
         raise _Invalid("wrong_type", field, f"expected a string, got {type(value).__name__}")
     return value
@@ -169,8 +202,10 @@ def _string(record: dict, field: str) -> str:
 
 def _messages(record: dict, field: str) -> list[dict[str, str]]:
     value = record.get(field)
-    if value is None or value == []:
-        raise _Invalid("missing_field", field, "missing, null or an empty message list")
+    if value is None:
+        raise _Invalid("missing_field", field, f"{_missing(record, field)}; expected a non-empty message list")
+    if value == []:
+        raise _Invalid("missing_field", field, "an empty message list")
     if not isinstance(value, list):
         raise _Invalid("wrong_type", field, f"expected a list of messages, got {type(value).__name__}")
     for i, message in enumerate(value):

@@ -19,11 +19,19 @@ REASONS = {
     "unparseable_transcript": "an HH transcript has no shared prompt ending in '\\n\\nAssistant:'",
     "malformed_messages": "a message list is not user/assistant turns ending in an assistant reply",
     "chat_template_error": "the tokenizer's chat template refused the prompt messages",
-    "prompt_too_long": "after truncation no completion token remains",
+    "prompt_too_long": "the prompt alone fills max_length, so keep_start truncation leaves no completion token",
 }
 
 
-class InvalidRowError(ValueError):
+class DataError(ValueError):
+    """A mistake in the user's data: a missing or unreadable source, an empty split, no valid pairs.
+
+    The message names the source (and the row and field, where there is one); the CLI prints it
+    as one line without a traceback.
+    """
+
+
+class InvalidRowError(DataError):
     """A row that fails validation, named by source, 0-based row and field."""
 
     def __init__(self, source: str, row: int, field: str | None, reason: str, detail: str):
@@ -57,7 +65,7 @@ class DropReport:
 
     def __post_init__(self):
         if self.on_invalid not in ON_INVALID:
-            raise ValueError(f"on_invalid={self.on_invalid!r}; allowed: {', '.join(ON_INVALID)}")
+            raise DataError(f"on_invalid={self.on_invalid!r}; allowed: {', '.join(ON_INVALID)}")
 
     @property
     def dropped(self) -> int:
