@@ -1,10 +1,12 @@
 """`logitsam compare` and `logitsam report` through the real CLI on a tiny model (subprocess runs)."""
 
 import json
-from html.parser import HTMLParser
+
+from html_report import read_report
 
 from logitsam.cli import main
 from logitsam.compare import parse_variant
+from logitsam.report.tables import format_cell
 
 
 def test_parse_variant():
@@ -25,16 +27,30 @@ def test_compare_two_variants_and_report(tiny_model_dir, tmp_path, monkeypatch, 
           "--logging_steps", "1", "--use_cpu", "true", "--max_length", "32", "--max_prompt_length", "16"])
     printed = capsys.readouterr().out
     assert "dpo+logits-sam" in printed and "report:" in printed
-    for name in ("dpo", "dpo_logits-sam"):
-        info = json.loads((out / "runs" / name / "seed-0" / "run_info.json").read_text())
+    accuracy, step_time = {}, {}
+    for variant, name in (("dpo", "dpo"), ("dpo+logits-sam", "dpo_logits-sam")):
+        run = out / "runs" / name / "seed-0"
+        info = json.loads((run / "run_info.json").read_text())
         assert info["seconds_per_step"] > 0 and info["peak_memory_bytes"] > 0 and info["seed"] == 0
-    html = (out / "report.html").read_text()
-    HTMLParser().feed(html)
-    assert "data:image/png;base64," in html and "dpo+logits-sam" in html
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        accuracy[variant] = format_cell(float([r for r in records if "eval_rewards/accuracies" in r][-1]
+                                              ["eval_rewards/accuracies"]))
+        step_time[variant] = format_cell(float(info["seconds_per_step"]))
+    page = read_report(out / "report.html")  # every image loads and has a caption
+    summary = {r["variant"]: r for r in page.table("Summary")}
+    assert list(summary) == ["dpo (baseline)", "dpo+logits-sam"]
+    assert [r["seeds"] for r in summary.values()] == ["1", "1"]
+    assert summary["dpo (baseline)"]["eval accuracy"] == accuracy["dpo"]
+    assert summary["dpo+logits-sam"]["eval accuracy"] == accuracy["dpo+logits-sam"]
+    cost = {r["variant"]: r for r in page.table("Cost")}
+    assert cost["dpo (baseline)"]["s/step"] == step_time["dpo"]
+    assert cost["dpo+logits-sam"]["s/step"] == step_time["dpo+logits-sam"]
+    assert "Training curves" in [f.alt for f in page.figures]
+    assert sorted(f.png for f in page.figures) == sorted(p.read_bytes() for p in (out / "plots").glob("*.png"))
     md = (out / "report.md").read_text()
     for line in md.splitlines():
         if "](" in line and ".png" in line:
             assert (out / line.split("](")[1].split(")")[0]).exists()
     # rebuild from the finished runs
     main(["report", str(out / "runs"), "--output_dir", str(tmp_path / "again")])
-    assert (tmp_path / "again" / "report.html").exists()
+    assert read_report(tmp_path / "again" / "report.html").table("Summary") == page.table("Summary")

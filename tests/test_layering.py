@@ -13,13 +13,16 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "logitsam"
 ALLOWED = {
     "core": set(),
     "diagnostics": {"core"},
-    "theory": {"core"},
+    "theory": {"core", "_atomic"},
     "data": set(),
     "models": set(),
-    "report": set(),
-    "eval": {"core", "data", "models", "diagnostics"},
-    "train": {"core", "data", "models", "diagnostics", "_memory"},
-    "demo": {"compare", "eval", "models", "data"},
+    "report": {"_atomic"},
+    "eval": {"core", "data", "models", "diagnostics", "_atomic"},
+    "train": {"core", "data", "models", "diagnostics", "_memory", "_atomic"},
+    "demo": {"compare", "eval", "models", "data", "_atomic"},
+    "compare": {"report", "eval", "_atomic"},
+    "study": {"compare", "report", "demo", "train", "_atomic"},
+    "trl": {"core", "models", "train"},
 }
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from logitsam import models
 from logitsam.models import (
@@ -387,13 +387,111 @@ def test_embedded_gguf_converts_once_and_matches(monkeypatch, tmp_path):
     assert logits[0, batch["attention_mask"][0].sum() - 1].argmax() == paris
 
 
-def test_logit_softcapping_models_are_refused():
-    from conftest import make_tiny_llama
+# ---------------------------------------------------------------------------------------------------
+# check_linear_head: logits must be hidden @ W^T (+ b)
 
-    from logitsam.models import check_plain_head, forward_hidden
 
-    model = make_tiny_llama(vocab_size=32)
-    check_plain_head(model)  # a plain Llama head passes
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
-        forward_hidden(model, torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+def _tiny_gemma2(vocab_size: int = 32, softcap: float | None = 30.0):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, final_logit_softcapping=softcap, pad_token_id=0, bos_token_id=2,
+        eos_token_id=3))
+
+
+class GainLlama(LlamaForCausalLM):
+    """A Llama that multiplies its logits by `config.readout_gain`, a name no blocklist would know."""
+
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                              **kwargs)
+        out.logits = out.logits * self.config.readout_gain
+        return out
+
+
+def _gain_llama(gain: float):
+    base = make_tiny_llama(vocab_size=32)
+    model = GainLlama(base.config)
+    model.load_state_dict(base.state_dict())
+    model.config.readout_gain = gain
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tie", [False, True])
+def test_check_linear_head_passes_plain_heads(tie, dtype):
+    from logitsam.models import check_linear_head
+
+    model = make_tiny_llama(vocab_size=32, tie=tie).to(dtype).train()
+    check_linear_head(model, *_batch(32))
+    assert model.training  # the check runs in eval mode and puts the mode back
+    check_linear_head(_tiny_gemma2(softcap=None).to(dtype), *_batch(32))  # Gemma 2 without its cap is plain
+    check_linear_head(_gain_llama(1.0).to(dtype), *_batch(32))
+
+
+def test_check_linear_head_refuses_logit_soft_capping():
+    """A random tiny model's logits are ~0.1, where tanh(z / 30) * 30 differs from z by 1e-7: only the
+    amplified probe (largest logit 100, capped to 29.9) sees the cap."""
+    from logitsam.models import ModelError, check_linear_head
+
+    with pytest.raises(ModelError, match=r"'tiny-gemma2' \(Gemma2ForCausalLM\) does not compute its logits as "
+                                         r"hidden @ W\^T.*final_logit_softcapping=30.0"):
+        check_linear_head(_tiny_gemma2(), *_batch(32), name="tiny-gemma2")
+    with pytest.raises(ModelError, match="soft-cap"):
+        check_linear_head(_tiny_gemma2().to(torch.bfloat16), *_batch(32))
+
+
+@pytest.mark.parametrize("gain", [4.0, 0.0625, 1.01])
+def test_check_linear_head_refuses_a_logit_multiplier_under_any_name(gain):
+    from logitsam.models import ModelError, check_linear_head
+
+    model = _gain_llama(gain)
+    check_linear_head(make_tiny_llama(vocab_size=32), *_batch(32))  # the same weights without the gain pass
+    with pytest.raises(ModelError, match=r"GainLlama does not compute its logits as hidden @ W\^T") as info:
+        check_linear_head(model, *_batch(32))
+    assert "readout_gain" not in str(info.value)  # found by the numbers, not by a config name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_check_linear_head_on_cuda(dtype):
+    """cuBLAS kernels (TF32 or reduced-precision reductions included) stay inside the tolerance; caps don't."""
+    from logitsam.models import ModelError, check_linear_head
+
+    batch = _batch(32)  # on the CPU: the check moves it to the model
+    check_linear_head(make_tiny_llama(vocab_size=32).to("cuda", dtype), *batch)
+    for model in (_tiny_gemma2(), _gain_llama(1.05)):
+        with pytest.raises(ModelError, match="does not compute its logits"):
+            check_linear_head(model.to("cuda", dtype), *batch)
+
+
+def test_check_linear_head_runs_peft_adapters(tiny_model_dir):
+    from logitsam.models import check_linear_head
+
+    model = load_model(tiny_model_dir, lora=LORA)
+    check_linear_head(model, *_batch(lm_head_of(model).weight.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A LoRA adapter on the LM head would be bypassed: refused
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], "all-linear"])
+def test_lora_on_the_lm_head_is_refused(tiny_model_dir, targets):
+    from peft import LoraConfig, get_peft_model
+
+    from logitsam.models import ModelError
+
+    if targets == "all-linear":  # PEFT leaves the head out of all-linear: fine
+        model = load_model(tiny_model_dir, lora={**LORA, "target_modules": targets})
+        assert isinstance(lm_head_of(model), torch.nn.Linear)
+        return
+    with pytest.raises(ModelError, match=r"the LM head 'lm_head' carries a PEFT adapter \(peft\.tuners\.lora.*"
+                                         r"Exclude lm_head from lora_target_modules"):
+        load_model(tiny_model_dir, lora={**LORA, "target_modules": targets})
+    # a model wrapped elsewhere (not by load_model) is refused wherever the head is read
+    model = get_peft_model(make_tiny_llama(vocab_size=32), LoraConfig(r=2, target_modules=targets))
+    with pytest.raises(ModelError, match="lora_target_modules"):
+        lm_head_of(model)

@@ -7,7 +7,6 @@ CUDA: ``max_memory_allocated`` growth), so one path's allocator cache cannot hid
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._atomic import write_json
 from ._memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from .core import logits_sam, sequence_logps
 
@@ -184,6 +184,5 @@ def main(cfg: BenchConfig | None = None, *, memory: bool = True, output: str | N
     result = run_bench(cfg, memory=memory)
     print(format_table(result))
     if output:
-        with open(output, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(output, result, indent=2)
     return result

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 TRAIN_EPILOG = """\
-Every config key can be set in the YAML recipe or as --key value (the command line wins):
+Every key above can be set in the YAML recipe (--config) or as --key value; the command line wins over the
+recipe, the recipe over the defaults. A true/false key may stand alone (--use_cpu) or be negated (--no_use_cpu);
+a list key takes several values (--loss_type sigmoid sft) or a YAML list ("[sigmoid, sft]").
+resume_from_checkpoint takes last (or true: the newest complete checkpoint in output_dir) or a folder.
 
-{keys}
-
-Any transformers.TrainingArguments field is accepted too (output_dir, max_steps, num_train_epochs,
-per_device_train_batch_size, gradient_accumulation_steps, learning_rate, seed, save_steps, logging_steps,
-eval_strategy, eval_steps, report_to, bf16, optim, resume_from_checkpoint, ...).
+TRL 1.x spellings accepted: {aliases}.
+TRL keys refused with a reason: {removed}.
 
 Examples:
   logitsam train --config recipes/smollm2_hh_dpo_logits_sam.yaml
@@ -26,46 +27,144 @@ Examples:
 """
 
 
-def _key_help() -> str:
-    from .train.config import TrainConfig
-
-    lines = []
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "training_args":
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  {f.name:<26} {f.metadata.get('help', '')} [default: {default}]")
-    return "\n".join(lines)
+DEBUG_HELP = "on an input error, show the full traceback too (same as LOGITSAM_DEBUG=1)"
 
 
-def parse_overrides(tokens: list[str]) -> dict[str, str]:
-    """['--key', 'v', '--flag', '--k2=v2'] -> {'key': 'v', 'flag': 'true', 'k2': 'v2'}."""
-    out, i = {}, 0
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError here becomes argparse's "invalid value" message
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not >= {low}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _judge_spec(text: str) -> str:
+    if text != "vader" and not (text.startswith("reward:") and len(text) > len("reward:")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'vader' or 'reward:MODEL'")
+    return text
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
+    return text
+
+
+def _existing_path(text: str) -> str:
+    if not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or directory")
+    return text
+
+
+class _TrainHelp(argparse.Action):
+    """``logitsam train --help``: every config key with its type, help and default (``config_parser``)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .train.config import ALIASES, REMOVED_KEYS, config_parser
+
+        epilog = TRAIN_EPILOG.format(aliases=", ".join(f"{a} -> {k}" for a, k in ALIASES.items()),
+                                     removed=", ".join(REMOVED_KEYS))
+        keys = config_parser.__wrapped__(  # a fresh table: --config is added to it below
+            prog=parser.prog, epilog=epilog, usage=f"{parser.prog} [--config RECIPE.yaml] [--debug] [--KEY VALUE ...]",
+            description="Train with a YAML recipe and/or --key value overrides.")
+        keys.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe (see recipes/)")
+        print(keys.format_help())
+        parser.exit()
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, str | list[str]]:
+    """['--key', 'v', '--flag', '--k2=v2', '--loss_type', 'a', 'b'] -> {'key': 'v', 'flag': 'true', 'k2': 'v2',
+    'loss_type': ['a', 'b']}.
+
+    A bare ``--flag`` means true, for true/false keys only: a bare ``--max_steps`` is an error, not
+    silently ignored. A list key takes every value up to the next ``--key``. A key given twice is an error.
+    The values stay strings; ``build_config`` reads them with each key's type.
+
+    Raises:
+        ConfigError: naming the token or the key.
+    """
+    from .train.config import ALIASES, ConfigError, bool_keys, known_keys, list_keys
+
+    lists = list_keys()
+    out: dict[str, str | list[str] | None] = {}
+    i = 0
     while i < len(tokens):
         tok = tokens[i]
-        if not tok.startswith("--"):
-            raise SystemExit(f"error: expected --key value, got {tok!r}")
-        key = tok[2:]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise ConfigError(f"expected --key value, got {tok!r}")
+        key, value, i = tok[2:], None, i + 1
         if "=" in key:
             key, value = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-            value = tokens[i + 1]
-            i += 2
-        else:
-            value, i = "true", i + 1
-        out[key.replace("-", "_")] = value
+        key = key.replace("-", "_")
+        if value is None:
+            values = []
+            while i < len(tokens) and not tokens[i].startswith("--") and (not values or key in lists):
+                values.append(tokens[i])
+                i += 1
+            value = values[0] if len(values) == 1 else (values or None)
+        if key in out:
+            raise ConfigError(f"--{key} is given twice on the command line; keep one")
+        out[key] = value
+    bare = [key for key, value in out.items() if value is None]
+    if bare:
+        flags, known = bool_keys(), set(known_keys()) | set(ALIASES)
+        for key in bare:
+            if key in known and key not in flags:  # an unknown key is left to build_config's suggestion
+                raise ConfigError(f"--{key} needs a value (e.g. --{key} VALUE); only true/false keys may stand alone")
+            out[key] = "true"
     return out
+
+
+def check_before_loading(cfg) -> None:
+    """The checks of `logitsam train` that need no model: TrainingArguments, data sources and rows, model paths.
+
+    A mistake in a local data file then costs no model load; `run_training` repeats the same checks.
+    """
+    from .data import DataError, check_source, load_preference_examples
+    from .models import EMBEDDED_MODELS, resolve_model_path
+    from .train.config import ConfigError
+    from .train.run import build_training_args
+
+    try:
+        build_training_args(cfg)
+    except ValueError as err:  # every TrainingArguments value here came from the user's config
+        raise ConfigError(f"TrainingArguments: {err}") from err
+    if not cfg.dataset_name:
+        raise ConfigError("config key 'dataset_name' is required (a hub id, a local dir, or a JSON/JSONL/Parquet file)")
+    for name in (cfg.model_name_or_path, cfg.ref_model_name_or_path):
+        if name is not None and name not in EMBEDDED_MODELS:
+            resolve_model_path(name)
+    for source, split in ((cfg.dataset_name, cfg.dataset_split), (cfg.eval_dataset_name, cfg.eval_dataset_split)):
+        if source is None:
+            continue
+        check_source(source)
+        if Path(source).exists():  # local data is cheap to read twice; a hub set is checked when it is loaded
+            examples, report = load_preference_examples(source, split=split, data_format=cfg.data_format,
+                                                        on_invalid=cfg.on_invalid, max_samples=cfg.max_samples)
+            if not examples:
+                raise DataError(f"{report}: no valid preference pairs left")
+            report.log_summary()
 
 
 def cmd_train(args, extra):
     from .train import build_config
+
+    cfg = build_config(args.config, parse_overrides(extra))
+    check_before_loading(cfg)
     from .train.run import run_training
 
-    try:
-        cfg = build_config(args.config, parse_overrides(extra))
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
     result = run_training(cfg)
     print(json.dumps(result, indent=2, default=str))
 
@@ -110,18 +209,26 @@ def theory_real(out: Path, dataset: str, *, steps: int, rho: float) -> None:
     print(f"figure: {out / 'fig1c_smollm2_hh.png'}; report: {result['html']}")
 
 
-DATA_ARGS = (("--split", "test"), ("--data_format", "auto"), ("--max_samples", None), ("--max_length", 512),
-             ("--max_prompt_length", 256), ("--truncation_mode", "keep_end"), ("--on_invalid", "drop"),
-             ("--batch_size", 8))
+# tokenisation as in training (TRL 1.16's defaults; see README "Tokenisation")
+DATA_ARGS = (("--split", "test"), ("--data_format", "auto"), ("--max_samples", None), ("--max_length", 1024),
+             ("--max_prompt_length", None), ("--truncation_mode", "keep_start"), ("--chat_rendering", "trl"),
+             ("--apply_chat_template", None), ("--on_invalid", "drop"), ("--batch_size", 8))
+INT_DATA_ARGS = ("--max_samples", "--max_length", "--max_prompt_length", "--batch_size")
+
+
+def _optional_bool(text: str) -> bool | None:
+    value = {"true": True, "false": False, "null": None, "none": None}.get(text.lower(), "bad")
+    if value == "bad":
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of true, false, null")
+    return value
 
 
 def _add_data_args(p, split="test"):
     p.add_argument("--dataset_name", required=True, help="hub id, local dir, or a JSON/JSONL/Parquet file")
     for flag, default in DATA_ARGS:
         default = split if flag == "--split" else default
-        kind = int if isinstance(default, int) else str
-        if flag == "--max_samples":
-            kind = int
+        kind = _int_at_least(1) if flag in INT_DATA_ARGS else _optional_bool if flag == "--apply_chat_template" \
+            else str
         p.add_argument(flag, type=kind, default=default, help=f"default: {default}")
 
 
@@ -130,25 +237,28 @@ def _data_kwargs(args) -> dict:
 
 
 def cmd_eval(args, extra):
-    from .eval.run import evaluate
+    from .data import check_source
+    from .eval.run import evaluate, load_prompts
 
-    prompts = None
-    if args.prompts_file:
-        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts_file).read_text().splitlines() if line]
+    prompts = load_prompts(args.prompts_file) if args.prompts_file else None
+    check_source(args.dataset_name)
     kw = _data_kwargs(args)
     result = evaluate(args.model, ref_model_name_or_path=args.ref_model, dataset_name=args.dataset_name,
                       loss_type=args.loss_type, beta=args.beta, judges=tuple(args.judge), prompts=prompts,
                       num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, gen_batch_size=args.gen_batch_size, seed=args.seed,
                       hessian_probes=args.hessian_probes, hessian_batches=args.hessian_batches,
-                      hessian_head_only=args.hessian_head_only, output_dir=args.output_dir, **kw)
+                      hessian_head_only=args.hessian_head_only, output_dir=args.output_dir, device=args.device,
+                      **kw)
     print(json.dumps(result, indent=2, default=str))
     print(f"results written to {Path(args.output_dir) / 'eval_results.json'}")
 
 
 def cmd_ches(args, extra):
+    from .data import check_source
     from .eval.ches import run_ches
 
+    check_source(args.dataset_name)
     summary = run_ches(args.model, args.dataset_name, args.output_dir, filter_top_percent=args.filter_top_percent,
                        filter_key=args.filter_key, **_data_kwargs(args))
     print(json.dumps(summary, indent=2))
@@ -156,8 +266,12 @@ def cmd_ches(args, extra):
 
 def cmd_compare(args, extra):
     from .compare import DEFAULT_VARIANTS, parse_variant, rho_sweep_variants, run_compare
+    from .train.config import ConfigError
 
-    variants = [parse_variant(v) for v in (args.variants or ([] if args.rho_sweep else DEFAULT_VARIANTS))]
+    try:
+        variants = [parse_variant(v) for v in (args.variants or ([] if args.rho_sweep else DEFAULT_VARIANTS))]
+    except ValueError as err:  # a malformed NAME:key=value spec, named in the message
+        raise ConfigError(f"--variants: {err}") from err
     if args.rho_sweep:
         variants = [parse_variant("dpo:sam=none")] + variants + rho_sweep_variants(args.rho_sweep)
     eval_kwargs = None
@@ -175,10 +289,48 @@ def cmd_compare(args, extra):
 def cmd_report(args, extra):
     from .report import build_report, find_run_dirs, format_table
 
+    if len(args.run_dirs) == 1 and (Path(args.run_dirs[0]) / "study.yaml").is_file():  # a `logitsam study` folder
+        return study_report(Path(args.run_dirs[0]))
     dirs = [d for root in args.run_dirs for d in (find_run_dirs(root) or [Path(root)])]
     result = build_report(dirs, args.output_dir, title=args.title, baseline=args.baseline)
     print(format_table(result["summary"]))
     print(f"report: {result['html']} and {result['markdown']}")
+
+
+def study_report(study_dir: Path) -> None:
+    from .study import build_study_report
+
+    result = build_study_report(study_dir)
+    print(result["markdown"])
+    print("written: " + ", ".join(result["files"]))
+
+
+def cmd_study(args, extra):
+    from .study import dry_run_table, load_study, run_study
+    from .study.runner import check_train_configs, select
+    from .train.config import ConfigError
+
+    if args.report_only:
+        if not (args.output_dir or args.config):
+            raise ConfigError("--report_only needs --output_dir (the study folder) or --config")
+        out = Path(args.output_dir) if args.output_dir else Path("docs/study") / load_study(args.config).name
+        return study_report(out)
+    if not args.config:
+        raise ConfigError("--config (a study recipe, see recipes/study/) is required unless --report_only")
+    plan = load_study(args.config)
+    out = Path(args.output_dir or Path("docs/study") / plan.name)
+    runs = select(plan, args.only)
+    check_train_configs(runs)
+    if args.dry_run:
+        print(dry_run_table(plan, runs, out))
+        for run in runs[:1]:
+            print(f"\nfirst run's training config ({run.run_id}):\n" + json.dumps(run.train, indent=2, default=str))
+            print(f"its eval: {json.dumps(run.eval, default=str)}")
+        return None
+    done = run_study(plan, out, only=args.only, commit=args.commit, keep_scratch=args.keep_scratch,
+                     scratch_dir=args.scratch_dir)
+    print(f"finished {len(done)} run(s) now: {', '.join(done) or 'none (all were finished)'}")
+    study_report(out)
 
 
 def cmd_build_sentiment(args, extra):
@@ -201,50 +353,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="logitsam", description="Preference optimization (DPO and variants) with logits-SAM on the LM head.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # --debug also after the command name; SUPPRESS keeps the subcommand from resetting it to False
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = functools.partial(sub.add_parser, parents=[common])
 
-    p = sub.add_parser("train", help="train a causal LM on preference pairs (DPO family, optional SAM)",
-                       description="Train with a YAML recipe and/or --key value overrides.",
-                       epilog=TRAIN_EPILOG.format(keys=_key_help()),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_parser("train", help="train a causal LM on preference pairs (DPO family, optional SAM)", add_help=False)
+    p.add_argument("-h", "--help", action=_TrainHelp, help="every config key with its type, help and default")
     p.add_argument("--config", help="YAML recipe (see recipes/)")
     p.set_defaults(func=cmd_train, takes_extra=True)
 
     from .bench import BenchConfig
 
-    p = sub.add_parser("bench", help="time and memory of the LM-head paths (plain/logits-SAM, dense/chunked)")
+    p = add_parser("bench", help="time and memory of the LM-head paths (plain/logits-SAM, dense/chunked)")
     for name, default in BenchConfig().__dict__.items():
         p.add_argument(f"--{name}", type=type(default), default=None, help=f"default: {default}")
     p.add_argument("--no_memory", action="store_true", help="skip the per-path memory measurement")
     p.add_argument("--output", help="also write the result as JSON here")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint: preference accuracy, log-prob shifts, win rate, flatness",
-                       epilog="Example: logitsam eval --model runs/dpo --dataset_name pairs.jsonl --split train "
-                              "--judge vader --num_prompts 64 --output_dir runs/dpo/eval")
+    p = add_parser("eval", help="evaluate a checkpoint: preference accuracy, log-prob shifts, win rate, flatness",
+                   epilog="Example: logitsam eval --model runs/dpo --dataset_name pairs.jsonl --split train "
+                          "--judge vader --num_prompts 64 --output_dir runs/dpo/eval")
     p.add_argument("--model", required=True, help="checkpoint dir, hub id or embedded name")
-    p.add_argument("--ref_model", help="reference (default: the model the run started from)")
+    p.add_argument("--ref_model", "--ref_model_name_or_path", dest="ref_model",
+                   help="reference (default: the run's ref_model_name_or_path, else the model it started from)")
+    p.add_argument("--device", type=_device,
+                   help="where both models, the batches and reward judges run (default: cuda when available, else cpu)")
     _add_data_args(p)
     p.add_argument("--loss_type", default="sigmoid")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--judge", action="append", default=None,
+    p.add_argument("--judge", action="append", default=None, type=_judge_spec,
                    help="'vader' or 'reward:MODEL' (repeatable; default vader)")
-    p.add_argument("--prompts_file", help="JSONL with a 'prompt' field for judged generation (default: the pairs')")
-    p.add_argument("--num_prompts", type=int, default=64)
-    p.add_argument("--max_new_tokens", type=int, default=48)
+    p.add_argument("--prompts_file", type=_existing_path,
+                   help="JSONL with a 'prompt' field for judged generation (default: the pairs')")
+    p.add_argument("--num_prompts", type=_int_at_least(0), default=64, help="judged prompts (0: skip the win rate)")
+    p.add_argument("--max_new_tokens", type=_int_at_least(1), default=48)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--gen_batch_size", type=int, default=16)
+    p.add_argument("--gen_batch_size", type=_int_at_least(1), default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hessian_probes", type=int, default=0, help="Hutchinson probes (0: skip the Hessian trace)")
-    p.add_argument("--hessian_batches", type=int, default=1)
+    p.add_argument("--hessian_probes", type=_int_at_least(0), default=0,
+                   help="Hutchinson probes (0: skip the Hessian trace)")
+    p.add_argument("--hessian_batches", type=_int_at_least(1), default=1)
     p.add_argument("--hessian_head_only", action="store_true", help="trace over the LM head's parameters only")
     p.add_argument("--output_dir", default="runs/eval")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("ches", help="CHES scores per pair (Razin et al. 2025) and a filtered dataset",
-                       epilog="Example: logitsam ches --model smollm2-135m-instruct --dataset_name hh.jsonl.gz "
-                              "--split train --filter_top_percent 10 --output_dir runs/ches")
+    p = add_parser("ches", help="CHES scores per pair (Razin et al. 2025) and a filtered dataset",
+                   epilog="Example: logitsam ches --model smollm2-135m-instruct --dataset_name hh.jsonl.gz "
+                          "--split train --filter_top_percent 10 --output_dir runs/ches")
     p.add_argument("--model", default="smollm2-135m-instruct")
     _add_data_args(p, split="train")
     p.add_argument("--filter_top_percent", type=float, help="also write filtered.jsonl without the top-k %% pairs")
@@ -252,13 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="runs/ches")
     p.set_defaults(func=cmd_ches)
 
-    p = sub.add_parser("compare", help="train variants x seeds from one recipe, evaluate, and write a report",
-                       description="Variants are NAME:key=value,key=value (config overrides). Extra --key value "
-                                   "pairs apply to every run.",
-                       epilog="Example: logitsam compare --config recipes/smollm2_hh_dpo.yaml --seeds 0 1 "
-                              "--variants dpo:sam=none dpo+logits-sam:sam=logits --max_steps 50 "
-                              "--output_dir runs/compare",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_parser("compare", help="train variants x seeds from one recipe, evaluate, and write a report",
+                   description="Variants are NAME:key=value,key=value (config overrides). Extra --key value "
+                               "pairs apply to every run.",
+                   epilog="Example: logitsam compare --config recipes/smollm2_hh_dpo.yaml --seeds 0 1 "
+                          "--variants dpo:sam=none dpo+logits-sam:sam=logits --max_steps 50 "
+                          "--output_dir runs/compare",
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML recipe shared by every run")
     p.add_argument("--variants", nargs="+",
                    help="default: dpo:sam=none dpo+logits-sam:sam=logits dpo+full-sam:sam=full")
@@ -267,55 +427,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="variant the cost ratios refer to (default: the one without SAM)")
     p.add_argument("--eval_dataset_name", help="also run `logitsam eval` on each run with this data")
     p.add_argument("--eval_split", default="test")
-    p.add_argument("--judge", action="append", default=None)
-    p.add_argument("--num_prompts", type=int, default=32)
-    p.add_argument("--max_new_tokens", type=int, default=48)
-    p.add_argument("--hessian_probes", type=int, default=0)
-    p.add_argument("--max_length", type=int, default=512)
-    p.add_argument("--max_prompt_length", type=int, default=256)
+    p.add_argument("--judge", action="append", default=None, type=_judge_spec)
+    p.add_argument("--num_prompts", type=_int_at_least(0), default=32)
+    p.add_argument("--max_new_tokens", type=_int_at_least(1), default=48)
+    p.add_argument("--hessian_probes", type=_int_at_least(0), default=0)
+    p.add_argument("--max_length", type=_int_at_least(1), default=1024, help="of each run's eval (default: TRL's)")
+    p.add_argument("--max_prompt_length", type=_int_at_least(1), default=None)
     p.add_argument("--output_dir", default="runs/compare")
     p.set_defaults(func=cmd_compare, takes_extra=True)
 
-    p = sub.add_parser("report", help="rebuild a report from finished run directories",
-                       epilog="Example: logitsam report runs/compare/runs --output_dir runs/compare")
-    p.add_argument("run_dirs", nargs="+", help="run directories, or folders holding them")
+    p = add_parser("report", help="rebuild a report from finished run directories",
+                   epilog="Example: logitsam report runs/compare/runs --output_dir runs/compare")
+    p.add_argument("run_dirs", nargs="+", type=_existing_path, help="run directories, or folders holding them")
     p.add_argument("--title", default="logitsam report")
     p.add_argument("--baseline")
     p.add_argument("--output_dir", default="runs/report")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("data", help="build datasets")
+    p = add_parser("study", help="a resumable rho x seed study from a study recipe, run by run, with its report",
+                   description="Expands recipes/study/*.yaml into runs (ids like rho1e-2_seed1), trains and evaluates "
+                               "them one at a time in fresh processes, keeps each run's small files under "
+                               "--output_dir (never weights) and skips finished runs on the next call.",
+                   epilog="Examples:\n  logitsam study --config recipes/study/sentiment.yaml --dry_run\n"
+                          "  logitsam study --config recipes/study/sentiment.yaml --commit\n"
+                          "  logitsam study --config recipes/study/hh.yaml --only rho0_seed1 rho1e-2_seed1\n"
+                          "  logitsam report docs/study/sentiment",
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="study recipe (recipes/study/*.yaml)")
+    p.add_argument("--output_dir", help="where the small result files go (default: docs/study/<name>)")
+    p.add_argument("--only", nargs="+", metavar="RUN_ID", help="run just these runs (finished ones are still skipped)")
+    p.add_argument("--dry_run", action="store_true", help="list the runs, their status and time estimate; run nothing")
+    p.add_argument("--commit", action="store_true", help="git add + git commit each run's small files and the report")
+    p.add_argument("--report_only", action="store_true", help="rebuild the table and figure from finished runs")
+    p.add_argument("--scratch_dir", help="where weights and logs go while a run trains (default: runs/study/<name>)")
+    p.add_argument("--keep_scratch", action="store_true", help="keep each run's weights in the scratch dir")
+    p.set_defaults(func=cmd_study)
+
+    p = add_parser("data", help="build datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    q = data_sub.add_parser("build-sentiment", help="the on-policy sentiment preference dataset (VADER judge)")
+    q = data_sub.add_parser("build-sentiment", parents=[common],
+                            help="the on-policy sentiment preference dataset (VADER judge)")
     q.add_argument("--output_dir", default="runs/sentiment-data")
-    q.add_argument("--num_prompts", type=int)
-    q.add_argument("--samples_per_prompt", type=int, default=4)
+    q.add_argument("--num_prompts", type=_int_at_least(1))
+    q.add_argument("--samples_per_prompt", type=_int_at_least(2), default=4)
     q.add_argument("--temperature", type=float, default=1.0)
-    q.add_argument("--max_new_tokens", type=int, default=48)
+    q.add_argument("--max_new_tokens", type=_int_at_least(1), default=48)
     q.add_argument("--min_gap", type=float, default=0.3)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--batch_size", type=int, default=32)
+    q.add_argument("--batch_size", type=_int_at_least(1), default=32)
     q.set_defaults(func=cmd_build_sentiment)
 
-    p = sub.add_parser("demo", help="DPO vs DPO + logits-SAM on the embedded model and data, with a report")
+    p = add_parser("demo", help="DPO vs DPO + logits-SAM on the embedded model and data, with a report")
     p.add_argument("--output_dir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a one-minute version (used by the tests)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("theory", help="the softmax-regression theory lab: checks and figures")
+    p = add_parser("theory", help="the softmax-regression theory lab: checks and figures")
     p.add_argument("--output_dir", default="runs/theory")
-    p.add_argument("--seeds", type=int, default=200, help="random problems for the sign-rule statistics")
+    p.add_argument("--seeds", type=_int_at_least(1), default=200, help="random problems for the sign-rule statistics")
     p.add_argument("--real", action="store_true",
                    help="instead: Fig. 1c on the embedded SmolLM2 with real HH pairs (minutes on a CPU)")
     p.add_argument("--real_dataset", default="../shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
-    p.add_argument("--real_steps", type=int, default=24)
+    p.add_argument("--real_steps", type=_int_at_least(1), default=24)
     p.add_argument("--real_rho", type=float, default=1e-3)
     p.set_defaults(func=cmd_theory)
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The exception types that mean a mistake in the user's input (or a run that stopped as configured,
+    like ``on_nonfinite: stop``), not a bug in logitsam."""
+    from .data import DataError
+    from .models import ModelError
+    from .train.config import ConfigError
+    from .train.trainer import NonFiniteLossError
+
+    return ConfigError, DataError, ModelError, NonFiniteLossError
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run one command. A user mistake ends in one line on stderr and exit code 2; a bug keeps its traceback.
+
+    ``--debug`` (or LOGITSAM_DEBUG=1) shows the traceback of a user mistake too.
+    """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -324,7 +519,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "judge", "unset") is None:
         args.judge = ["vader"]
-    args.func(args, extra)
+    debug = getattr(args, "debug", False) or os.environ.get("LOGITSAM_DEBUG", "") not in ("", "0")
+    try:
+        args.func(args, extra)
+    except Exception as err:
+        if debug or not isinstance(err, _user_errors()):
+            raise
+        message = " ".join(line.strip() for line in str(err).splitlines())  # one line, whatever it holds
+        print(f"logitsam {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._atomic import write_text as atomic_write_text
+
 logger = logging.getLogger("logitsam.compare")
 
 DEFAULT_VARIANTS = ("dpo:sam=none", "dpo+logits-sam:sam=logits", "dpo+full-sam:sam=full")
@@ -45,18 +47,29 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def train_run(config: str | None, overrides: dict, run_dir: Path, *, log_path: Path) -> None:
+def train_command(config: str | Path | None, overrides: dict, run_dir: Path) -> list[str]:
+    """``python -m logitsam.cli train [--config FILE] --key value ... --output_dir RUN_DIR``."""
     cmd = [sys.executable, "-m", "logitsam.cli", "train"]
     if config:
         cmd += ["--config", str(config)]
     for key, value in {**overrides, "output_dir": str(run_dir)}.items():
         cmd += [f"--{key}", str(value)]
-    logger.info("training %s", run_dir)
+    return cmd
+
+
+def run_logged(cmd: list[str], log_path: Path, *, what: str) -> None:
+    """Run ``cmd`` in a fresh process with stdout and stderr in ``log_path``; a failure raises with the log's tail."""
+    logger.info("%s (log %s)", what, log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
-        raise RuntimeError(f"training {run_dir} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+
+
+def train_run(config: str | None, overrides: dict, run_dir: Path, *, log_path: Path) -> None:
+    run_logged(train_command(config, overrides, run_dir), log_path, what=f"training {run_dir}")
 
 
 def run_compare(config: str | None, output_dir: str | Path, *, variants: list[Variant], seeds: list[int],
@@ -84,5 +97,5 @@ def run_compare(config: str | None, output_dir: str | Path, *, variants: list[Va
             run_dirs.append(run_dir)
     result = build_report(run_dirs, out, title=title, baseline=baseline)
     table = format_table(result["summary"])
-    (out / "summary.md").write_text(table + "\n")
+    atomic_write_text(out / "summary.md", table + "\n")
     return {**result, "table": table, "run_dirs": [str(d) for d in run_dirs]}

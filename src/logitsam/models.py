@@ -60,6 +60,17 @@ LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-li
 _MARKER = "logitsam_source.json"
 
 
+class ModelError(ValueError):
+    """A model the user named that logitsam cannot use: not found, not loadable, not a causal LM with a head.
+
+    The message names the model path or id; the CLI prints it as one line without a traceback.
+    """
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """A local model path that does not exist."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # The embedded GGUF model and its safetensors cache
 
@@ -203,7 +214,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     if path.exists():
         return str(path)
     if isinstance(name_or_path, os.PathLike) or name.startswith(("/", "./", "../", "~", ".\\", "..\\")):
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"model path {name!r} does not exist (embedded models: {sorted(EMBEDDED_MODELS)})"
         )
     return name  # a hub id; offline mode and the hub cache are the environment's business
@@ -215,12 +226,12 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool =
     Pad = eos is safe for preference training: padded positions are masked out of the loss by the
     attention mask and labels, so the pad id's value never matters. Padding side is left as saved.
     """
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
-    )
+    path = resolve_model_path(name_or_path)
+    with _loading("tokenizer", name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(
+            raise ModelError(
                 f"tokenizer {name_or_path!r} has neither a pad token nor an eos token to pad with"
             )
         tokenizer.pad_token = tokenizer.eos_token
@@ -243,7 +254,8 @@ def load_model(
         gradient_checkpointing: non-reentrant activation checkpointing (also sets use_cache False).
         lora: None, or a dict / dataclass with keys r, alpha, dropout, target_modules (defaults
             `LORA_DEFAULTS`; "all-linear" leaves the LM head untouched), or a `peft.LoraConfig`.
-            The model comes back wrapped by `peft.get_peft_model`.
+            The model comes back wrapped by `peft.get_peft_model`. An adapter on the LM head is refused
+            (ModelError, see `lm_head_of`).
         device: where to move the model; None leaves it where from_pretrained put it (CPU).
 
     Returns:
@@ -252,9 +264,13 @@ def load_model(
     """
     path = resolve_model_path(name_or_path)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code
-    )
+    kwargs = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    with _loading("model", name_or_path):
+        if Path(path).is_dir():  # a local directory may hold a base model saved without its head
+            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+            _check_head_loaded(model, info["missing_keys"], name_or_path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     logger.info("loaded %s from %s in %.2f s", name_or_path, path, time.perf_counter() - start)
     if device is not None:
         model.to(device)
@@ -274,14 +290,41 @@ def load_model(
         from peft import get_peft_model
 
         model = get_peft_model(model, _lora_config(lora))
+        lm_head_of(model)  # refuses an adapter on the head now, before any data is read
     return model
+
+
+@contextlib.contextmanager
+def _loading(what: str, name_or_path: str | os.PathLike) -> Iterator[None]:
+    """transformers' errors for a path or id that holds no usable model, as one ModelError naming it."""
+    try:
+        yield
+    except (OSError, ValueError) as e:  # no config.json / weights / tokenizer files, offline, not a causal LM
+        if isinstance(e, ModelError):
+            raise
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load the {what} of {os.fspath(name_or_path)!r}: {detail}") from e
+
+
+def _check_head_loaded(model: nn.Module, missing_keys, name_or_path) -> None:
+    """Refuse a checkpoint without LM head weights (a base model), which from_pretrained fills at random."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ModelError(f"{os.fspath(name_or_path)!r} ({type(model).__name__}) has no LM head; logitsam needs "
+                         "a causal LM whose output embeddings map hidden states to the vocabulary")
+    prefix = next(name for name, module in model.named_modules() if module is head)
+    missing = sorted(k for k in missing_keys if k.startswith(prefix + "."))
+    if missing and not has_tied_head(model):
+        raise ModelError(f"{os.fspath(name_or_path)!r} has no LM head weights ({', '.join(missing)} missing from "
+                         "the checkpoint, so they would be random); save the model with its head "
+                         "(e.g. a *ForCausalLM class, not the base *Model)")
 
 
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+        raise ModelError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -343,7 +386,7 @@ def load_reference(
     policy_vocab = base.get_output_embeddings().weight.shape[0]
     ref_vocab = unwrap_model(ref).get_output_embeddings().weight.shape[0]
     if ref_vocab != policy_vocab:
-        raise ValueError(
+        raise ModelError(
             f"reference {name_or_path!r} has vocab {ref_vocab} but the policy has {policy_vocab}"
         )
     ref.requires_grad_(False)
@@ -397,11 +440,31 @@ def unwrap_model(model: nn.Module) -> PreTrainedModel:
 
 
 def lm_head_of(model: nn.Module) -> nn.Module:
-    """The LM head (output embeddings) of the unwrapped model; its `.weight` is (V, d)."""
+    """The LM head (output embeddings) of the unwrapped model; its `.weight` is (V, d).
+
+    Raises:
+        ModelError: no head, or a PEFT adapter on it. A LoRA head computes W x + B A x, but its `.weight`
+            is the base W alone, so logits-SAM and the log-probs would silently skip the adapter.
+    """
     head = unwrap_model(model).get_output_embeddings()
     if head is None:
-        raise TypeError(f"{type(unwrap_model(model)).__name__} has no output embeddings (not a causal LM?)")
+        raise ModelError(f"{type(unwrap_model(model)).__name__} has no output embeddings (not a causal LM?)")
+    if _is_tuner_layer(head):
+        name = next((n for n, m in unwrap_model(model).named_modules() if m is head), "lm_head")
+        raise ModelError(
+            f"the LM head {name!r} carries a PEFT adapter ({type(head).__module__}.{type(head).__name__}); "
+            "logitsam reads the head weight directly (hidden @ W^T), so the adapter would be bypassed. Exclude "
+            f"{name} from lora_target_modules (e.g. 'all-linear', which leaves the head alone, or a list such "
+            "as q_proj,k_proj,v_proj,o_proj)")
     return head
+
+
+def _is_tuner_layer(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    return isinstance(module, BaseTunerLayer)
 
 
 def has_tied_head(model: nn.Module) -> bool:
@@ -410,21 +473,103 @@ def has_tied_head(model: nn.Module) -> bool:
     return lm_head_of(model).weight.data_ptr() == inputs.weight.data_ptr()
 
 
-# config attributes that change logits after the head matmul; logits = hidden @ W^T would be wrong
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Relative tolerance of check_linear_head per head dtype: the model's head and ours run the same matmul, so
+# only rounding separates them (bf16 keeps 8 bits of mantissa); a soft-cap or scale is far beyond it.
+HEAD_RTOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# The amplified probe scales the hidden states until the largest logit is this big: a soft-cap of 30
+# (Gemma 2) bends it to 29.9, while the small logits of a random or freshly initialised model hide the cap.
+PROBE_LOGIT = 100.0
 
 
-def check_plain_head(model: nn.Module) -> None:
-    """Raise if the model transforms its logits after the LM head matmul (soft-cap, scale)."""
-    config = getattr(unwrap_model(model), "config", None)
-    text_config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(text_config, name, None)
-        if value not in (None, 0, 1, 1.0):
-            raise ValueError(
-                f"{type(unwrap_model(model)).__name__} applies {name}={value} after the LM head; logitsam computes "
-                "log-probs as hidden @ W^T and does not support such models yet"
-            )
+def check_linear_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                      name: str | os.PathLike | None = None) -> None:
+    """Refuse a model whose logits are not the plain head matmul of its final hidden states.
+
+        model(input_ids, attention_mask, logits_to_keep=1).logits[:, -1] == hidden[:, -1] @ W^T (+ b)   # (B, V)
+
+    logitsam computes log-probs from `forward_hidden` and the head weight, so its loss is the model's own
+    only when this holds. A logit soft-cap (Gemma 2), a logit scale (Cohere) or a multiplier under any
+    config name breaks it. Run it once on a real batch (the first training rows; eval's first pairs).
+
+    Two probes, one forward each: the batch's own hidden states, and the same hidden states scaled so the
+    largest logit is about `PROBE_LOGIT`. A scale or multiplier shows in both; a soft-cap only where
+    logits are large, which the second probe guarantees. The mismatch is max |logits - hidden @ W^T| over
+    max |hidden @ W^T|, against `HEAD_RTOL` for the head's dtype.
+
+    Args:
+        model: a causal LM, possibly wrapped by PEFT (its adapters run, as in training).
+        input_ids: (B, T) token ids; a few rows are enough.
+        attention_mask: (B, T).
+        name: the model's path or id, for the message.
+
+    Raises:
+        ModelError: on a mismatch, or a model whose forward has no logits_to_keep.
+    """
+    base = unwrap_model(model)
+    label = f"{os.fspath(name)!r} ({type(base).__name__})" if name is not None else type(base).__name__
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        raise ModelError(f"{label}: its forward has no logits_to_keep, so logitsam cannot run it without "
+                         "building (B, T, V) logits")
+    head = lm_head_of(model)
+    weight, bias = head.weight, getattr(head, "bias", None)  # (V, d), (V,) or None
+    rtol = HEAD_RTOL.get(weight.dtype, HEAD_RTOL[torch.bfloat16])
+    input_ids, attention_mask = input_ids.to(weight.device), attention_mask.to(weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits, hidden = _last_logits_and_hidden(model, base, input_ids, attention_mask, scale=1.0)
+            plain = torch.nn.functional.linear(hidden, weight, bias)  # (B, V)
+            checks = [("its own hidden states", logits, plain)]
+            scale = PROBE_LOGIT / plain.float().abs().max().clamp_min(1e-6).item()
+            logits, hidden = _last_logits_and_hidden(model, base, input_ids, attention_mask, scale=scale)
+            checks.append((f"hidden states x {scale:.3g}", logits, torch.nn.functional.linear(hidden, weight, bias)))
+    finally:
+        model.train(was_training)
+    for probe, got, want in checks:
+        got, want = got.float(), want.float()
+        err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+        if not err <= rtol:  # also catches NaN
+            raise ModelError(
+                f"{label} does not compute its logits as hidden @ W^T (+ b): on {probe} its last-position logits "
+                f"differ from the LM head's matmul by {err:.3g} (relative; the tolerance for {weight.dtype} is "
+                f"{rtol:g}), as a logit soft-cap, scale or multiplier after the head does"
+                f"{_logit_config_hint(base)}. logitsam computes log-probs as hidden @ W^T and cannot train or "
+                "score such a model; use one whose head is a plain linear map (Llama, Qwen, SmolLM2, Gemma 3)")
+
+
+def _last_logits_and_hidden(model, base, input_ids, attention_mask, *, scale: float):
+    """The model's last-position logits (B, V) from its final hidden states times `scale`, and those (B, d)."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if scale != 1.0:
+            hidden = hidden * scale
+        captured.append(hidden[:, -1])
+        if isinstance(output, tuple):
+            return (hidden, *output[1:])
+        output.last_hidden_state = hidden
+        return output
+
+    handle = base.get_decoder().register_forward_hook(hook)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    assert len(captured) == 1, f"decoder ran {len(captured)} times in one forward"
+    return out.logits[:, -1], captured[0]
+
+
+def _logit_config_hint(base: PreTrainedModel) -> str:
+    """'(config: final_logit_softcapping=30.0)' for config values that look like a logit transform, else ''."""
+    config = getattr(base, "config", None)
+    if config is None:
+        return ""
+    values = config.get_text_config().to_dict()
+    found = [f"{k}={v}" for k, v in values.items()
+             if "logit" in k and not k.startswith("attn") and isinstance(v, int | float) and v not in (0, 1)]
+    return f" (config: {', '.join(found)})" if found else ""
 
 
 def forward_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -434,7 +579,8 @@ def forward_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         hidden @ lm_head_of(model).weight.T == model(input_ids, attention_mask).logits   # (B, T, V)
 
     The equality holds for heads that are a plain linear map (Llama, Qwen, SmolLM2, Gemma 3); models
-    with a logit soft-cap or scale (Gemma 2, Cohere) apply it after the matmul.
+    with a logit soft-cap or scale (Gemma 2, Cohere) apply it after the matmul, and `check_linear_head`
+    refuses them on a real batch.
 
     The outer model is called, so DDP's gradient sync and PEFT's adapters run as usual; a forward hook
     on the decoder catches its output, and `logits_to_keep=1` limits the head to one position.
@@ -448,7 +594,6 @@ def forward_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         hidden (B, T, d), attached to the autograd graph of the backbone.
     """
     base = unwrap_model(model)
-    check_plain_head(base)
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         raise TypeError(f"{type(base).__name__}.forward has no logits_to_keep; it would build full logits")
     captured: list[torch.Tensor] = []

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
+import textwrap
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import logitsam.losses as public
 from logitsam.core import losses as L
@@ -96,10 +100,17 @@ def test_sigmoid_golden():
     check(out[1], [0.25, -0.1, -0.5])
 
 
-def test_sigmoid_cdpo_label_smoothing_golden():
-    """ls = 0.1: -0.9 log sigma(z) - 0.1 log sigma(-z), z = [0.75, -0.35, -0.25] -> [0.4619, 0.8484, 0.8009]."""
-    out = run("sigmoid", label_smoothing=0.1)
+def test_cdpo_golden():
+    """ls = 0.1: -0.9 log sigma(z) - 0.1 log sigma(-z), z = [0.75, -0.35, -0.25] -> [0.4619, 0.8484, 0.8009].
+
+    ls = 0 is the sigmoid loss; sigmoid itself takes no label_smoothing (TRL 1.x's sigmoid reads none).
+    """
+    out = run("cdpo", label_smoothing=0.1)
     check(out[0], [smoothed(BETA * d, 0.1) for d in DELTA], [0.4619, 0.8484, 0.8009])
+    check_ref_rewards(out)
+    check(run("cdpo")[0], run("sigmoid")[0].tolist())
+    with pytest.raises(TypeError, match=r"\['label_smoothing'\] for loss_type \['sigmoid'\]"):
+        run("sigmoid", label_smoothing=0.1)
 
 
 def test_hinge_golden():
@@ -127,7 +138,8 @@ def test_ipo_golden():
 def test_exo_pair_golden(eps, rounded):
     """z = [0.75, -0.35, -0.25]; loss = s(z)(log s(z) - log(1-eps)) + s(-z)(log s(-z) - log eps).
 
-    eps = 1e-3 (default): [1.5893, 3.3746, 3.1984]; eps = 0.1: [0.1828, 0.7162, 0.6552].
+    eps = 1e-3 (the paper's): [1.5893, 3.3746, 3.1984]; eps = 0.1: [0.1828, 0.7162, 0.6552]. There is no
+    default: TRL's 0.0 is refused, as TRL refuses it.
     """
     expected = [
         sig(BETA * d) * (logsig(BETA * d) - math.log(1 - eps)) + sig(-BETA * d) * (logsig(-BETA * d) - math.log(eps))
@@ -136,8 +148,8 @@ def test_exo_pair_golden(eps, rounded):
     out = run("exo_pair", label_smoothing=eps)
     check(out[0], expected, rounded)
     check_ref_rewards(out)
-    if eps == 1e-3:  # the default
-        check(run("exo_pair")[0], expected)
+    with pytest.raises(ValueError, match=r"exo_pair.*0 < label_smoothing < 1"):
+        run("exo_pair")
 
 
 def test_nca_pair_golden():
@@ -261,15 +273,13 @@ def test_sigmoid_norm_golden():
 def test_sft_golden():
     """Token mean over the batch: -(PC summed) / (LC summed) = 6 / 11 = 0.5455, the same for every pair.
 
-    With reference log-probs the rewards are TRL's beta * h; without, beta * logps.
+    The rewards are TRL's beta * h (chosen [0.25, -0.1, -0.5]), so sft needs the reference as in TRL.
     """
     out = run("sft")
     check(out[0], [6 / 11] * 3, [0.5455] * 3)
     check_ref_rewards(out)
-    losses, chosen, rejected = preference_loss("sft", t(PC), t(PR), chosen_lengths=torch.tensor(LC), beta=BETA)
-    check(losses, [6 / 11] * 3)
-    check(chosen, [BETA * p for p in PC])
-    check(rejected, [BETA * p for p in PR])
+    with pytest.raises(ValueError, match=r"loss_type='sft' is reference-based"):
+        preference_loss("sft", t(PC), t(PR), chosen_lengths=torch.tensor(LC), beta=BETA)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,10 +384,11 @@ def _grads(loss_type, beta=BETA, **params):
     return pc.grad, pr.grad
 
 
-@pytest.mark.parametrize("ls", [0.0, 0.2])
-def test_sigmoid_gradient_closed_form(ls):
+@pytest.mark.parametrize(("name", "ls"), [("sigmoid", None), ("cdpo", 0.0), ("cdpo", 0.2)])
+def test_sigmoid_and_cdpo_gradient_closed_form(name, ls):
     """d/dPC [-(1-ls) log s(b d) - ls log s(-b d)] = -b (1-ls) s(-b d) + b ls s(b d); d/dPR is its negative."""
-    g_pc, g_pr = _grads("sigmoid", label_smoothing=ls)
+    g_pc, g_pr = _grads(name, **({} if ls is None else {"label_smoothing": ls}))
+    ls = ls or 0.0
     expected = [-BETA * (1 - ls) * sig(-BETA * d) + BETA * ls * sig(BETA * d) for d in DELTA]
     check(g_pc, expected)
     check(g_pr, [-x for x in expected])
@@ -436,7 +447,7 @@ def test_every_loss_gradcheck_and_detached_rewards(name):
     rc = -1 - 3 * torch.rand(5, generator=gen, dtype=torch.float64)
     rr = -1 - 3 * torch.rand(5, generator=gen, dtype=torch.float64)
     lc, lr = torch.tensor([1, 2, 3, 4, 5]), torch.tensor([5, 1, 2, 7, 3])
-    params = {"label_smoothing": 0.05} if name == "exo_pair" else {}
+    params = {"label_smoothing": 0.05} if name in ("exo_pair", "cdpo") else {}
 
     def f(a, b):
         return preference_loss(name, a, b, rc, rr, beta=0.7, chosen_lengths=lc, rejected_lengths=lr, **params)[0]
@@ -458,15 +469,15 @@ def test_multi_loss_is_weighted_sum_of_single_losses():
     torch.testing.assert_close(combined[0], sum(w * s for w, s in zip(weights, singles, strict=True)))
     check_ref_rewards(combined)
 
-    unweighted = run(["simpo", "sigmoid"], label_smoothing=0.1, simpo_gamma=0.3)
-    expected = run("simpo", label_smoothing=0.1, simpo_gamma=0.3)[0] + run("sigmoid", label_smoothing=0.1)[0]
+    unweighted = run(["simpo", "sigmoid"], label_smoothing=0.1, simpo_gamma=0.3)  # sigmoid does not read it
+    expected = run("simpo", label_smoothing=0.1, simpo_gamma=0.3)[0] + run("sigmoid")[0]
     torch.testing.assert_close(unweighted[0], expected)
     torch.testing.assert_close(unweighted[1], run("simpo", simpo_gamma=0.3)[1])  # simpo's rewards: listed first
 
 
 @pytest.mark.parametrize("name", list(LOSS_TYPES))
 def test_dispatcher_routes_to_the_named_function(name):
-    params = {"label_smoothing": 0.1} if name == "exo_pair" else {}
+    params = {"label_smoothing": 0.1} if name in ("exo_pair", "cdpo") else {}
     via_name = run(name, **params)
     fn = LOSS_TYPES[name]
     kwargs = {
@@ -489,13 +500,13 @@ def test_trl_names_and_reference_free_set():
         "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
     ]  # fmt: skip
     assert list(LOSS_TYPES)[: len(trl)] == trl
-    assert set(LOSS_TYPES) == set(trl) | {"slic", "cpo", "simpo", "orpo"}
-    assert REFERENCE_FREE == {"simpo", "cpo", "orpo", "slic", "sft"}
+    assert set(LOSS_TYPES) == set(trl) | {"cdpo", "slic", "cpo", "simpo", "orpo"}
+    assert REFERENCE_FREE == {"simpo", "cpo", "orpo", "slic"}
 
 
 def test_requires_reference_and_lengths():
     assert requires_reference("sigmoid") and requires_reference("aot")
-    assert not requires_reference("simpo") and not requires_reference("sft")
+    assert not requires_reference("simpo") and requires_reference("sft") and requires_reference("cdpo")
     assert requires_reference(["simpo", "sigmoid"]) and not requires_reference(["cpo", "orpo"])
     assert requires_lengths("ipo") and requires_lengths("sigmoid_norm") and requires_lengths("orpo")
     assert requires_lengths("sft") and requires_lengths("cpo") and requires_lengths("slic")
@@ -566,7 +577,7 @@ def test_missing_lengths_is_a_clear_error():
 
 def test_unknown_params_raise_type_error():
     with pytest.raises(TypeError, match=r"\['label_smoothin'\].*Did you mean 'label_smoothing'"):
-        run("sigmoid", label_smoothin=0.1)
+        run("robust", label_smoothin=0.1)
     with pytest.raises(TypeError, match=r"\['label_smoothing'\] for loss_type \['hinge'\]"):
         run("hinge", label_smoothing=0.1)
     with pytest.raises(TypeError, match="simpo_gamma"):
@@ -580,3 +591,91 @@ def test_bad_weights_and_bad_smoothing():
         run("exo_pair", label_smoothing=0.0)
     with pytest.raises(ValueError, match=r"robust.*0 <= label_smoothing < 0.5"):
         run("robust", label_smoothing=0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Against TRL 1.16's own loss code: each branch of DPOTrainer._compute_loss, cut from the installed
+# source and run on the same numbers (the branches need no model; the trainer around them does)
+
+
+DPO_DEFAULTS = {"discopop_tau": 0.05}  # TRL 1.16 DPOConfig's; tests/train/test_config.py checks ours equal TRL's
+
+
+def _trl_branch(loss_type: str) -> str:
+    """The body of ``loss_type``'s branch in TRL's ``DPOTrainer._compute_loss``, dedented, ready to exec."""
+    pytest.importorskip("trl")
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    lines = inspect.getsource(DPOTrainer._compute_loss).splitlines()
+    start = next(i for i, line in enumerate(lines) if re.fullmatch(rf'\s*(el)?if loss_type == "{loss_type}":', line))
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    body = []
+    for line in lines[start + 1:]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        body.append(line)
+    return textwrap.dedent("\n".join(body))
+
+
+def _per_token(logps: list[float], lengths: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs (B, width) whose masked row sums are ``logps``, and the mask (B, width)."""
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
+    return mask * t([lp / n for lp, n in zip(logps, lengths, strict=True)])[:, None], mask
+
+
+def run_trl(loss_type: str, label_smoothing: float = 0.0) -> torch.Tensor:
+    """TRL's per-sequence loss for ``loss_type`` on PC, PR, RC, RR (B = 3), with f_divergence_type reverse_kl."""
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps = t(PC), t(PR), t(RC), t(RR)
+    width = max(LC + LR)
+    (pc_tok, mask_c), (pr_tok, mask_r) = _per_token(PC, LC, width), _per_token(PR, LR, width)
+    scope = {
+        "self": types.SimpleNamespace(beta=BETA, label_smoothing=label_smoothing,
+                                      args=types.SimpleNamespace(discopop_tau=DPO_DEFAULTS["discopop_tau"])),
+        "F": F, "torch": torch,
+        "device": "cpu", "chosen_logps": chosen_logps, "rejected_logps": rejected_logps,
+        "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
+        "chosen_logratios": chosen_logps - ref_chosen_logps, "rejected_logratios": rejected_logps - ref_rejected_logps,
+        "per_token_logps": torch.cat([pc_tok, pr_tok]), "shift_completion_mask": torch.cat([mask_c, mask_r]),
+        "completion_mask": torch.cat([mask_c, mask_r]),
+    }
+    scope["chosen_scores"], scope["rejected_scores"] = scope["chosen_logratios"], scope["rejected_logratios"]
+    scope["delta_score"] = scope["chosen_scores"] - scope["rejected_scores"]
+    exec(_trl_branch(loss_type), scope)
+    return scope["per_sequence_loss"]
+
+
+@pytest.mark.parametrize(("name", "ls"), [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.1), ("exo_pair", 1e-3),
+                                          ("exo_pair", 0.1), ("aot", 0.1), ("aot_unpaired", 0.1), ("sft", 0.2)])
+def test_label_smoothing_means_what_trl_means(name, ls):
+    """label_smoothing reaches the losses TRL 1.16 reads it in (robust, exo_pair, aot, aot_unpaired), each as TRL
+    uses it, and no other: TRL's sigmoid with ls = 0.2 is plain DPO, -log sigma(beta delta), and so is ours
+    (ours refuses the key for sigmoid rather than ignore it; cDPO is loss_type cdpo).
+    """
+    ours = run(name, label_smoothing=ls) if name in ("robust", "exo_pair", "aot", "aot_unpaired") else run(name)
+    atol = 1e-6 if name == "exo_pair" else 1e-12  # TRL makes eps a float32 tensor: log(eps) rounds at 1e-8
+    torch.testing.assert_close(ours[0], run_trl(name, label_smoothing=ls), rtol=0, atol=atol)
+
+
+def test_every_trl_loss_equals_trl_branch():
+    """The other TRL 1.16 losses on the same numbers, with our defaults (discopop_tau: TRL's 0.05)."""
+    for name in ("hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
+                 "sigmoid_norm"):
+        torch.testing.assert_close(run(name)[0], run_trl(name), rtol=0, atol=1e-12, msg=name)
+
+
+def test_rewards_and_exo_pair_refusal_are_trl_s():
+    """TRL 1.16 logs ``chosen_rewards = self.beta * chosen_logratios.detach()`` for every loss type, sft
+    included, and refuses exo_pair with label_smoothing 0.0 at construction; ours does the same.
+    """
+    pytest.importorskip("trl")
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    source = inspect.getsource(DPOTrainer._compute_loss)
+    assert "chosen_rewards = self.beta * chosen_logratios.detach()" in source
+    assert "rejected_rewards = self.beta * rejected_logratios.detach()" in source
+    for name in ("sigmoid", "sft", "exo_pair"):
+        check_ref_rewards(run(name, **({"label_smoothing": 1e-3} if name == "exo_pair" else {})))
+    init = inspect.getsource(DPOTrainer.__init__)
+    assert '"exo_pair" in self.loss_types and self.label_smoothing == 0.0' in init
+    with pytest.raises(ValueError, match="exo_pair"):
+        run("exo_pair", label_smoothing=0.0)

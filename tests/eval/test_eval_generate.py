@@ -60,3 +60,25 @@ def test_render_prompt_rules(model_and_tokenizer):
     assert render_prompt(tok, "raw", apply_chat_template=True)[0].startswith("<|im_start|>user\nraw")
     with pytest.raises(ValueError, match="message-list"):
         render_prompt(tok, [{"role": "user", "content": "Hi"}], apply_chat_template=False)
+
+
+def test_a_generation_configs_list_of_eos_ids_is_kept(model_and_tokenizer):
+    """Llama 3 style: generation_config.eos_token_id is a list; any of its ids ends the response."""
+    from logitsam.eval.generate import stop_token_ids
+
+    model, tok = model_and_tokenizer
+    greedy = {"max_new_tokens": 8, "temperature": 0.0, "progress": False}
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = None
+        (full,) = generate_responses(model, tok, PROMPTS[:1], **greedy)
+        assert len(full) == 8 and full[0] not in tok.all_special_tokens  # precondition: 8 plain characters
+        stop = tok.convert_tokens_to_ids(full[2])
+        model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|endoftext|>"), stop]
+        assert stop_token_ids(model, tok) == [tok.convert_tokens_to_ids("<|endoftext|>"), stop, tok.eos_token_id]
+        (short,) = generate_responses(model, tok, PROMPTS[:1], **greedy)
+        assert short == full[:full.index(full[2]) + 1]  # stopped at the listed id, which is not the tokenizer's eos
+        model.generation_config.eos_token_id = stop  # a single int works too
+        assert stop_token_ids(model, tok) == [stop, tok.eos_token_id]
+    finally:
+        model.generation_config.eos_token_id = saved

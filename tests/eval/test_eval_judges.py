@@ -78,6 +78,25 @@ def test_reward_model_text_pair_and_left_truncation(reward_model_dir):
         assert score == pytest.approx(direct_score(model, ids[-12:]), abs=1e-5)  # the end is kept
 
 
+CONVERSATION = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello, how can I help?"}, {"role": "user", "content": "Rate it."}]
+
+
+def test_reward_model_scores_the_whole_conversation(reward_model_dir):
+    from logitsam.data import render_hh_transcript
+
+    path, model, tok = reward_model_dir
+    judge = RewardModelJudge(path, batch_size=2, device="cpu", progress=False)
+    scores = judge.score([CONVERSATION, "Rate it."], ["Five stars.", "Five stars."])
+    text = tok.apply_chat_template(CONVERSATION + [{"role": "assistant", "content": "Five stars."}], tokenize=False)
+    assert scores[0] == pytest.approx(direct_score(model, tok(text, add_special_tokens=False)["input_ids"]), abs=1e-5)
+    assert scores[0] != pytest.approx(scores[1], abs=1e-4)  # the earlier turns change the score
+    pair = RewardModelJudge(path, device="cpu", apply_chat_template=False, progress=False)
+    (score,) = pair.score([CONVERSATION], ["Five stars."])
+    ids = tok(render_hh_transcript(CONVERSATION), "Five stars.")["input_ids"]
+    assert score == pytest.approx(direct_score(model, ids), abs=1e-5)
+
+
 def test_make_judge_rejects_unknown_specs():
     with pytest.raises(ValueError, match="unknown judge"):
         make_judge("gpt4")

@@ -1,13 +1,16 @@
 """`evaluate` and `run_ches` end to end on a tiny random model, checked against direct computations."""
 
 import json
+import shutil
 
 import pytest
 import torch
+import yaml
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
 from logitsam.eval.ches import rows_to_drop, run_ches
 from logitsam.eval.run import evaluate
+from logitsam.models import load_model
 
 WORDS = ["good", "bad", "fine", "great", "awful", "nice", "poor", "kind"]
 
@@ -94,3 +97,119 @@ def test_ches_scores_and_filter(pairs_file, two_models, tmp_path):
     assert kept == [r for i, r in enumerate(source) if i not in {t["row"] for t in top} and i != 4]
     assert all(0.0 <= r["edit_distance"] <= 1.0 for r in records)
     assert rows_to_drop(records, 0) == set()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference, the judges' view of the prompt, and the device
+
+EVAL_KW = dict(split="train", max_length=64, max_prompt_length=32, judges=())
+
+
+def _run_dir(tmp_path, weights, config):
+    run = tmp_path / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(weights, run)
+    (run / "logitsam_config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def test_evaluate_uses_the_runs_ref_model_name_or_path(pairs_file, two_models, tmp_path):
+    """The policy is a copy of model0: against model0 its margin is exactly 0, against model1 it is not."""
+    m0, m1 = (str(m) for m in two_models)
+    run = _run_dir(tmp_path, m0, {"model_name_or_path": m0, "ref_model_name_or_path": m1})
+    res = evaluate(str(run), dataset_name=str(pairs_file), **EVAL_KW)
+    assert res["reference"] == m1 and res["reference_from"] == f"{run / 'logitsam_config.yaml'}: ref_model_name_or_path"
+    explicit = evaluate(str(run), ref_model_name_or_path=m1, dataset_name=str(pairs_file), **EVAL_KW)
+    assert explicit["reference_from"] == "ref_model_name_or_path"
+    assert res["eval/margin"] == explicit["eval/margin"] != 0.0
+    # a checkpoint-N/ directory reads its run's config
+    checkpoint = shutil.copytree(m0, run / "checkpoint-2")
+    assert evaluate(str(checkpoint), dataset_name=str(pairs_file), **EVAL_KW)["reference"] == m1
+    # a run without its own reference trained against the initial policy
+    run = _run_dir(tmp_path, m0, {"model_name_or_path": m0, "ref_model_name_or_path": None})
+    res = evaluate(str(run), dataset_name=str(pairs_file), **EVAL_KW)
+    assert res["reference"] == m0 and res["reference_from"].endswith(": model_name_or_path")
+    assert res["eval/margin"] == 0.0
+
+
+class RecordingJudge:
+    name = "recording"
+
+    def __init__(self):
+        self.prompts = []
+
+    def score(self, prompts, responses):
+        self.prompts.append(prompts)
+        return [float(len(r)) for r in responses]
+
+
+def test_judges_see_the_whole_conversation(monkeypatch):
+    from logitsam.eval import run as eval_run
+
+    tok = make_tiny_tokenizer()
+    policy, reference = (make_tiny_llama(vocab_size=len(tok), seed=s) for s in (0, 1))
+    judge = RecordingJudge()
+    monkeypatch.setattr(eval_run, "make_judge", lambda spec, **kw: judge)
+    conversations = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+         {"role": "user", "content": "And then?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}],
+        "a plain string prompt",
+    ]
+    results, samples = eval_run.judged_win_rates(policy, reference, tok, conversations, ["recording"],
+                                                 max_new_tokens=3, temperature=0.0, top_p=1.0, batch_size=2, seed=0)
+    assert judge.prompts == [conversations, conversations]  # policy's responses, then the reference's
+    assert [s["prompt"] for s in samples] == conversations
+    assert results["winrate/recording/n"] == 3
+
+
+def test_default_device_is_cuda_when_available(monkeypatch):
+    from logitsam.eval.run import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == "cpu"
+
+
+def test_eval_device_reaches_both_models(pairs_file, two_models, tmp_path, monkeypatch):
+    from logitsam.cli import main
+    from logitsam.eval import run as eval_run
+
+    placed = []
+
+    def load(name, **kwargs):
+        placed.append((name, kwargs.get("device")))
+        return load_model(name, **kwargs)
+
+    monkeypatch.setattr(eval_run, "load_model", load)
+    policy, reference = (str(m) for m in two_models)
+    main(["eval", "--model", policy, "--ref_model_name_or_path", reference, "--dataset_name", str(pairs_file),
+          "--split", "train", "--max_length", "64", "--max_prompt_length", "32", "--num_prompts", "0",
+          "--device", "cpu", "--output_dir", str(tmp_path / "eval")])
+    assert placed == [(policy, "cpu"), (reference, "cpu")]
+    assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_evaluate_on_cuda_matches_cpu(pairs_file, two_models, monkeypatch):
+    from logitsam.eval import run as eval_run
+
+    placed = []
+
+    def load(name, **kwargs):
+        model = load_model(name, **kwargs)
+        placed.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(eval_run, "load_model", load)
+    policy, reference = (str(m) for m in two_models)
+    kw = dict(ref_model_name_or_path=reference, dataset_name=str(pairs_file), split="train", max_length=64,
+              max_prompt_length=32, judges=("vader",), num_prompts=3, max_new_tokens=4, temperature=0.0)
+    gpu = evaluate(policy, **kw)  # the default device
+    assert gpu["device"] == "cuda" and placed == ["cuda", "cuda"]
+    cpu = evaluate(policy, device="cpu", **kw)
+    assert placed[2:] == ["cpu", "cpu"]
+    for key in ("eval/margin", "eval/loss", "shift/chosen_delta_ref"):
+        assert gpu[key] == pytest.approx(cpu[key], abs=1e-4), key
+    assert gpu["winrate/vader/n"] == 3

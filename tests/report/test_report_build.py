@@ -1,4 +1,4 @@
-"""build_report end to end: files written, links resolve, the HTML parses and embeds every image."""
+"""build_report end to end: files written, links resolve, the HTML shows the expected tables and embeds every image."""
 
 import base64
 import re
@@ -8,6 +8,7 @@ import subprocess
 from html.parser import HTMLParser
 
 import pytest
+from html_report import read_report
 from synthetic_runs import final_accuracy, make_rho_sweep, make_two_by_two, write_run
 
 from logitsam.report import build_report
@@ -106,9 +107,52 @@ def test_report_tables_show_the_direct_mean_and_std(report):
     cell = f"{statistics.mean(accs):.4g} ± {statistics.stdev(accs):.2g}"
     row = next(line for line in md.splitlines() if line.startswith("| dpo+logits-sam |"))
     assert cell in row
-    assert cell in report["html"].read_text()
     assert report["baseline"] == "dpo"
     assert [len(v) for v in report["variants"].values()] == [2, 2, 1, 1, 1, 1]
+
+    page = read_report(report["html"])
+    assert page.sections == ["Summary", "Training curves", "Log-probability trajectories", "Displacement rate",
+                             "rho sweep", "Eval metrics", "Cost", "Runs"]
+    summary = {r["variant"]: r for r in page.table("Summary")}
+    variants = list(report["variants"])
+    assert list(summary) == ["dpo (baseline)", *variants[1:]]
+    assert summary["dpo+logits-sam"]["eval accuracy"] == cell
+    base = [final_accuracy("none", 1e-4, seed) for seed in (0, 1)]
+    assert summary["dpo (baseline)"]["eval accuracy"] == f"{statistics.mean(base):.4g} ± {statistics.stdev(base):.2g}"
+    assert [summary[v]["seeds"] for v in summary] == ["2", "2", "1", "1", "1", "1"]
+    assert summary["dpo (baseline)"]["s/step vs baseline"] == "1"
+    accuracy = next(r for r in page.table("Eval metrics") if r["metric"] == "eval_rewards/accuracies")
+    assert accuracy["dpo+logits-sam"] == cell
+    runs = page.table("Runs")
+    assert sorted(r["run"] for r in runs) == sorted(str(d) for ds in report["variants"].values() for d in ds)
+
+
+def test_html_figures_are_the_plots_with_their_captions(report):
+    page = read_report(report["html"])  # every <img> loads as a PNG and has a caption
+    assert [f.png for f in page.figures] == [p.read_bytes() for p in report["plots"]]
+    md_captions = [line.strip("*") for line in report["markdown"].read_text().splitlines()
+                   if line.startswith("*") and line.endswith("*")]
+    assert [f.caption for f in page.figures] == md_captions and len(md_captions) == 4
+    assert [f.alt for f in page.figures] == ["Training curves", "Log-probability trajectories", "Displacement rate",
+                                             "rho sweep"]
+
+
+def test_read_report_fails_on_an_image_that_does_not_load(report, tmp_path):
+    text = report["html"].read_text()
+    first = text.index('src="data:') + len('src="')
+    end = text.index('"', first)
+    broken = tmp_path / "report.html"
+    for src in ("plots/missing.png", "data:image/png;base64,%%%", "data:image/png;base64,aGVsbG8="):
+        broken.write_text(text[:first] + src + text[end:])
+        with pytest.raises(AssertionError):
+            read_report(broken)
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "here.png").write_bytes(report["plots"][0].read_bytes())
+    broken.write_text(text[:first] + "plots/here.png" + text[end:])
+    assert read_report(broken).figures[0].png == report["plots"][0].read_bytes()  # a file beside the page loads
+    broken.write_text(re.sub(r"<figcaption>.*?</figcaption>", "<figcaption></figcaption>", text, count=1))
+    with pytest.raises(AssertionError, match="no caption"):
+        read_report(broken)
 
 
 def test_missing_optional_files_do_not_crash(tmp_path):

@@ -84,28 +84,24 @@ def sigmoid_loss(
     ref_rejected_logps: Tensor,
     *,
     beta: float = 0.1,
-    label_smoothing: float = 0.0,
 ) -> Losses:
-    """DPO's logistic loss on the log-ratio margin, with optional cDPO label smoothing.
+    """DPO's logistic loss on the log-ratio margin (TRL 1.x's ``"sigmoid"``).
 
-        loss = -(1 - ls) log sigma(beta delta) - ls log sigma(-beta delta)
+        loss = -log sigma(beta delta)
 
-    ``label_smoothing=0`` is TRL 1.x's ``"sigmoid"`` exactly. TRL 1.x dropped the smoothing term from
-    ``"sigmoid"``; it is kept here as cDPO (the probability a label is flipped, in [0, 0.5)).
+    TRL 1.x's ``"sigmoid"`` reads no ``label_smoothing``; the label-smoothed form (cDPO) is ``cdpo_loss``.
 
     Args:
         policy_chosen_logps, policy_rejected_logps (B,): summed policy log-probs.
         ref_chosen_logps, ref_rejected_logps (B,): summed reference log-probs.
-        beta: inverse temperature. label_smoothing: cDPO flip probability.
+        beta: inverse temperature.
     Returns:
         losses, chosen_rewards, rejected_rewards, each (B,).
 
-    Rafailov et al., "Direct Preference Optimization", NeurIPS 2023 (arXiv:2305.18290), Eq. 7;
-    Mitchell, "A note on DPO with noisy preferences" (cDPO), 2023.
+    Rafailov et al., "Direct Preference Optimization", NeurIPS 2023 (arXiv:2305.18290), Eq. 7.
     """
     h_w, h_l = _log_ratios("sigmoid", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    delta = h_w - h_l
-    losses = _smoothed_logistic(beta * delta, label_smoothing)
+    losses = -F.logsigmoid(beta * (h_w - h_l))
     return losses, beta * h_w.detach(), beta * h_l.detach()
 
 
@@ -177,15 +173,15 @@ def exo_pair_loss(
     ref_rejected_logps: Tensor,
     *,
     beta: float = 0.1,
-    label_smoothing: float = 1e-3,
+    label_smoothing: float = 0.0,
 ) -> Losses:
     """Pairwise EXO: the reverse KL from the model's pair distribution to the smoothed labels.
 
         q_w = sigma(beta delta), q_l = sigma(-beta delta), eps = label_smoothing
         loss = q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps)
 
-    eps must lie in (0, 1): TRL raises for 0 as well. The default is the paper's 1e-3 (TRL's config
-    default is 0.0, which it rejects for this loss).
+    eps must lie in (0, 1), and there is no usable default: TRL's is 0.0, which it refuses to start with
+    for this loss, and so does this function (the paper recommends 1e-3).
 
     Args:
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
@@ -520,41 +516,70 @@ def sigmoid_norm_loss(
 def sft_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
     chosen_lengths: Tensor,
-    ref_chosen_logps: Tensor | None = None,
-    ref_rejected_logps: Tensor | None = None,
     *,
     beta: float = 0.1,
 ) -> Losses:
-    """Supervised NLL on the chosen completions, as TRL's ``"sft"`` computes it (reference-free).
+    """Supervised NLL on the chosen completions, as TRL's ``"sft"`` computes it.
 
         loss_i = -sum_j logp_w,j / sum_j |y_w,j|   for every i
 
     This is the token-level mean over the whole batch (TRL's cross-entropy over all chosen tokens),
-    broadcast to every pair, so the mean over pairs equals TRL's value. Rewards are TRL's
-    ``beta * (policy - ref)`` when reference log-probs are given, else ``beta * logps``.
+    broadcast to every pair, so the mean over pairs equals TRL's value. The loss does not read the
+    reference, but the rewards are TRL's ``beta * (policy - ref)``, so it needs one as TRL does.
 
     Args:
         policy_chosen_logps, policy_rejected_logps (B,): summed policy log-probs.
+        ref_chosen_logps, ref_rejected_logps (B,): summed reference log-probs (for the rewards).
         chosen_lengths (B,): chosen completion token counts.
-        ref_chosen_logps, ref_rejected_logps (B,), optional: only used for the rewards.
         beta: scales the rewards only.
     Returns:
         losses, chosen_rewards, rejected_rewards, each (B,).
 
     The MLE term of MPO (Wang et al., arXiv:2411.10442), combined with DPO losses via ``loss_weights``.
     """
+    h_w, h_l = _log_ratios("sft", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     len_w = _lengths("sft", chosen_lengths, "chosen_lengths", policy_chosen_logps)
     nll = -policy_chosen_logps.sum() / len_w.sum()
     losses = nll.expand(policy_chosen_logps.shape[0])
-    if ref_chosen_logps is not None and ref_rejected_logps is not None:
-        h_w, h_l = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
-        return losses, beta * h_w.detach(), beta * h_l.detach()
-    return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+    return losses, beta * h_w.detach(), beta * h_l.detach()
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference-free losses TRL keeps in other trainers or dropped
+# Losses TRL keeps in other trainers or dropped (reference-free unless noted)
+
+
+def cdpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> Losses:
+    """Conservative DPO (cDPO): the logistic loss against labels flipped with probability ``label_smoothing``.
+
+        loss = -(1 - ls) log sigma(beta delta) - ls log sigma(-beta delta)
+
+    ``label_smoothing`` (ls) must lie in [0, 0.5); ls = 0 is ``sigmoid_loss``. This is what TRL 0.x's
+    ``"sigmoid"`` computed with ``label_smoothing > 0``; TRL 1.x dropped it, so it has its own name here.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
+        beta: inverse temperature. label_smoothing: the flip probability.
+    Returns:
+        losses, chosen_rewards, rejected_rewards, each (B,).
+
+    Mitchell, "A note on DPO with noisy preferences and relationship to IPO", 2023, Eq. 3.
+    """
+    h_w, h_l = _log_ratios("cdpo", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"loss_type='cdpo' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    losses = _smoothed_logistic(beta * (h_w - h_l), label_smoothing)
+    return losses, beta * h_w.detach(), beta * h_l.detach()
 
 
 def slic_loss(
@@ -710,6 +735,7 @@ LOSS_TYPES: dict[str, Callable[..., Losses]] = {
     "discopop": discopop_loss,
     "sft": sft_loss,
     "sigmoid_norm": sigmoid_norm_loss,
+    "cdpo": cdpo_loss,
     "slic": slic_loss,
     "cpo": cpo_loss,
     "simpo": simpo_loss,

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 import transformers
 
+from logitsam._atomic import write_json
+from logitsam._atomic import write_text as atomic_write_text
 from logitsam.data import load_preference_examples
 from logitsam.demo.prompts import PROMPTS
 from logitsam.eval.generate import generate_responses
@@ -97,11 +99,7 @@ def _messages(role: str, content: str) -> list[dict[str, str]]:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # a reader never sees a half-written file
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _mean(values: list[float]) -> float | None:
@@ -241,9 +239,7 @@ def build_sentiment_dataset(
         },
         "files": SENTIMENT_FILES,
     }
-    tmp = out / (SENTIMENT_FILES["metadata"] + ".tmp")
-    tmp.write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / SENTIMENT_FILES["metadata"])
+    write_json(out / SENTIMENT_FILES["metadata"], metadata, indent=2, ensure_ascii=False)
     logger.info("sentiment pairs: %d train, %d held-out (mean gap %s) in %s, %.1f s",
                 len(split_pairs["train"]), len(split_pairs["heldout"]), metadata["mean_gap"], out,
                 metadata["build_seconds"])

@@ -3,8 +3,7 @@
     responses_a = generate_responses(model_a, tokenizer, prompts, max_new_tokens=128, seed=0)
     responses_b = generate_responses(model_b, tokenizer, prompts, max_new_tokens=128, seed=0)
     judge = make_judge("vader")                      # or "reward:OpenAssistant/reward-model-deberta-v3-large-v2"
-    texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
-    result = win_rate(judge.score(texts, responses_a), judge.score(texts, responses_b))
+    result = win_rate(judge.score(prompts, responses_a), judge.score(prompts, responses_b))  # whole conversations
 """
 
 from .generate import generate_responses, render_prompt

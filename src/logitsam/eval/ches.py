@@ -73,8 +73,9 @@ def write_filtered(source: str, split: str, drop_rows: set[int], path: Path, max
 
 
 def run_ches(model_name_or_path: str, dataset_name: str, output_dir: str | Path, *, split: str = "train",
-             data_format: str = "auto", max_samples: int | None = None, max_length: int = 512,
-             max_prompt_length: int | None = 256, truncation_mode: str = "keep_end", on_invalid: str = "drop",
+             data_format: str = "auto", max_samples: int | None = None, max_length: int = 1024,
+             max_prompt_length: int | None = None, truncation_mode: str = "keep_start", chat_rendering: str = "trl",
+             apply_chat_template: bool | None = None, on_invalid: str = "drop",
              batch_size: int = 8, filter_top_percent: float | None = None, filter_key: str = "ches",
              dtype: str = "float32") -> dict:
     out = Path(output_dir)
@@ -83,7 +84,8 @@ def run_ches(model_name_or_path: str, dataset_name: str, output_dir: str | Path,
     model = load_model(model_name_or_path, dtype=dtype)
     dataset, report = build_preference_dataset(
         dataset_name, tokenizer, split=split, data_format=data_format, max_length=max_length,
-        max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, on_invalid=on_invalid,
+        max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, chat_rendering=chat_rendering,
+        apply_chat_template=apply_chat_template, on_invalid=on_invalid,
         max_samples=max_samples)
     records = score_pairs(model, dataset, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
     scores_path = out / "ches_scores.jsonl"

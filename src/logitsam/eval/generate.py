@@ -33,6 +33,17 @@ def render_prompt(tokenizer: Any, prompt: Prompt, apply_chat_template: bool | No
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """Every id that ends a response: the generation config's EOS ids (an int or a list), then the tokenizer's.
+
+    Chat models often list several (Llama 3: ``<|end_of_text|>``, ``<|eom_id|>``, ``<|eot_id|>``); passing
+    only ``tokenizer.eos_token_id`` to ``generate`` would replace that list and run past the turn's end.
+    """
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = config if isinstance(config, list | tuple) else [config]
+    return list(dict.fromkeys(int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None))
+
+
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
@@ -65,7 +76,8 @@ def generate_responses(
     ancestral sampling with nucleus ``top_p`` and, if ``top_k > 0``, top-k (our arguments override any
     sampling settings in the model's ``generation_config``). Batch ``k`` draws from
     ``torch.manual_seed(seed + k)`` inside ``torch.random.fork_rng``, so the caller's global RNG state
-    is untouched. The model runs in eval mode (restored afterwards); special tokens are stripped from
+    is untouched. Generation stops at any of ``stop_token_ids`` (the generation config's EOS ids and the
+    tokenizer's). The model runs in eval mode (restored afterwards); special tokens are stripped from
     the decoded text.
 
     Args:
@@ -83,6 +95,7 @@ def generate_responses(
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad token nor an eos token")
     device = next(model.parameters()).device
+    eos_ids = stop_token_ids(model, tokenizer)
     encoded = []
     for prompt in prompts:
         text, special = render_prompt(tokenizer, prompt, apply_chat_template)
@@ -101,7 +114,7 @@ def generate_responses(
                 torch.manual_seed(seed + k)
                 out = model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                    pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling,
+                    pad_token_id=pad_id, eos_token_id=eos_ids or None, use_cache=True, **sampling,
                 )
                 new = out[:, ids.shape[1]:]  # (b, <= max_new_tokens)
                 responses.extend(tokenizer.batch_decode(new, skip_special_tokens=True))

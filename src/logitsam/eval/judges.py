@@ -3,6 +3,9 @@
 ``make_judge("vader")`` scores the sentiment of the response (the IMDb-style "positive continuation"
 task; no network, no model). ``make_judge("reward:PATH_OR_ID")`` scores with any Hugging Face
 sequence-classification reward model.
+
+A prompt is what the policy saw: a string, or the whole conversation as a message list (every turn, not
+only the last user message), so a judge can rate the response in its context.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from typing import Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
+from logitsam.data import render_hh_transcript
 from logitsam.models import DTYPES, resolve_model_path
+
+from .generate import Prompt  # a string, or the conversation so far as chat messages
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +29,17 @@ JUDGE_SPECS = ("vader", "reward:PATH_OR_ID")
 
 @runtime_checkable
 class Judge(Protocol):
-    """Anything with a ``name`` and ``score(prompts, responses) -> one float per pair``."""
+    """Anything with a ``name`` and ``score(prompts, responses) -> one float per pair``.
+
+    Each prompt is a string or the whole conversation before the response (a message list).
+    """
 
     name: str
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]: ...
+    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]: ...
 
 
-def _check_pairs(prompts: list[str], responses: list[str]) -> None:
+def _check_pairs(prompts: list[Prompt], responses: list[str]) -> None:
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; they must be paired")
 
@@ -48,7 +57,7 @@ class VaderJudge:
 
         self._analyzer = SentimentIntensityAnalyzer()
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
         _check_pairs(prompts, responses)
         return [float(self._analyzer.polarity_scores(r)["compound"]) for r in responses]
 
@@ -58,9 +67,11 @@ class RewardModelJudge:
 
     Score = the logit of a single-label head (``num_labels == 1``), otherwise the last label's logit.
 
-    Each pair is rendered with the tokenizer's chat template as ``[user: prompt, assistant: response]``
-    when it has one (``apply_chat_template=None`` or True), else as the text pair ``(prompt, response)``
-    with the tokenizer's special tokens (the OpenAssistant DeBERTa convention). Inputs longer than
+    Each pair is rendered with the tokenizer's chat template as the conversation plus
+    ``[assistant: response]`` (a string prompt is one user turn) when it has one
+    (``apply_chat_template=None`` or True), else as the text pair ``(prompt, response)`` with the
+    tokenizer's special tokens (the OpenAssistant DeBERTa convention), where a conversation is written
+    as an HH transcript (``render_hh_transcript``). Inputs longer than
     ``max_length`` lose tokens from the left, so the response end the score depends on is kept; how
     many were cut is logged.
 
@@ -115,20 +126,21 @@ class RewardModelJudge:
         logger.info("reward judge %s: %d labels, chat template %s", path, model.config.num_labels,
                     "on" if self.use_chat_template else "off")
 
-    def _encode(self, prompts: list[str], responses: list[str], truncation: bool):
+    def _encode(self, prompts: list[Prompt], responses: list[str], truncation: bool):
         kwargs = {"truncation": truncation, "max_length": self.max_length if truncation else None}
         if self.use_chat_template:
             texts = [
                 self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+                    _messages(p) + [{"role": "assistant", "content": r}], tokenize=False
                 )
                 for p, r in zip(prompts, responses, strict=True)
             ]
             return self.tokenizer(texts, add_special_tokens=False, **kwargs)
-        return self.tokenizer(prompts, responses, **kwargs)
+        texts = [p if isinstance(p, str) else render_hh_transcript(p) for p in prompts]
+        return self.tokenizer(texts, responses, **kwargs)
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
         _check_pairs(prompts, responses)
         lengths = [len(ids) for ids in self._encode(prompts, responses, truncation=False)["input_ids"]]
         cut = sum(n > self.max_length for n in lengths)
@@ -144,6 +156,10 @@ class RewardModelJudge:
             logits = self.model(**enc).logits.float()  # (b, num_labels)
             scores.extend(logits[:, -1].tolist())  # the only label, or the last one
         return scores
+
+
+def _messages(prompt: Prompt) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 def make_judge(spec: str, **kwargs) -> Judge:

@@ -19,11 +19,12 @@ import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from .._atomic import write_json
 from ..core import HeadOutput, sequence_logps, shift_labels
 from ..core.losses import preference_loss
-from ..data import PreferenceCollator, build_preference_dataset, load_preference_examples
+from ..data import DataError, PreferenceCollator, build_preference_dataset, load_preference_examples
 from ..diagnostics import hutchinson_trace, squeeze_metrics
-from ..models import forward_hidden, lm_head_of, load_model, load_tokenizer
+from ..models import check_linear_head, forward_hidden, lm_head_of, load_model, load_tokenizer
 from .generate import generate_responses
 from .judges import make_judge
 from .stats import win_rate
@@ -31,12 +32,24 @@ from .stats import win_rate
 logger = logging.getLogger("logitsam.eval")
 
 
-def initial_model_of(checkpoint: str | Path) -> str | None:
-    """The model a logitsam run started from (its ``logitsam_config.yaml``), or None."""
+def run_reference_of(checkpoint: str | Path) -> tuple[str | None, str | None]:
+    """The reference a logitsam run trained against, and the config key it came from; (None, None) outside a run.
+
+    From the run's ``logitsam_config.yaml`` (in ``checkpoint`` or, for ``checkpoint-N/``, its parent):
+    ``ref_model_name_or_path`` when the run set one, else ``model_name_or_path``, the initial policy.
+    """
     for path in (Path(checkpoint) / "logitsam_config.yaml", Path(checkpoint).parent / "logitsam_config.yaml"):
         if path.exists():
-            return (yaml.safe_load(path.read_text()) or {}).get("model_name_or_path")
-    return None
+            config = yaml.safe_load(path.read_text()) or {}
+            for key in ("ref_model_name_or_path", "model_name_or_path"):
+                if config.get(key):
+                    return str(config[key]), f"{path}: {key}"
+    return None, None
+
+
+def default_device() -> str:
+    """Where `logitsam eval` runs without --device: "cuda" when there is a GPU, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _batches(dataset, batch_size, pad_token_id):
@@ -121,21 +134,20 @@ def hessian_trace_of_loss(model, dataset, *, pad_token_id, ref: HeadOutput | Non
     return sum(estimates) / n, (sum(variances) ** 0.5) / n
 
 
-def _prompt_text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
 def judged_win_rates(policy, reference, tokenizer, prompts, judges, *, max_new_tokens, temperature, top_p,
-                     batch_size, seed) -> tuple[dict, list[dict]]:
+                     batch_size, seed, judge_device=None) -> tuple[dict, list[dict]]:
+    """Sample from policy and reference on ``prompts`` and judge both; each judge sees the whole conversation.
+
+    ``judge_device`` places reward-model judges (default: theirs, "cuda" when available).
+    """
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
     policy_out = generate_responses(policy, tokenizer, prompts, **gen)
     ref_out = generate_responses(reference, tokenizer, prompts, **gen)
-    texts = [_prompt_text(p) for p in prompts]
-    results, samples = {}, [{"prompt": t, "policy": a, "reference": b} for t, a, b in zip(texts, policy_out, ref_out,
+    results, samples = {}, [{"prompt": p, "policy": a, "reference": b} for p, a, b in zip(prompts, policy_out, ref_out,
                                                                                           strict=True)]
     for spec in judges:
-        judge = make_judge(spec)
-        a, b = judge.score(texts, policy_out), judge.score(texts, ref_out)
+        judge = make_judge(spec, **({"device": judge_device} if spec.startswith("reward:") else {}))
+        a, b = judge.score(prompts, policy_out), judge.score(prompts, ref_out)
         stats = win_rate(a, b)
         name = judge.name
         results.update({f"winrate/{name}/{k}": v for k, v in stats.items()})
@@ -146,27 +158,83 @@ def judged_win_rates(policy, reference, tokenizer, prompts, judges, *, max_new_t
     return results, samples
 
 
+def _win_rate_skipped(judges, num_prompts: int, reference, policy) -> str | None:
+    """Why no judged generation runs, or None when it does."""
+    if not judges:
+        return "no judge"
+    if num_prompts < 1:
+        return f"num_prompts={num_prompts}"
+    if reference is None:
+        return "no reference model (not a logitsam run; pass ref_model_name_or_path)"
+    if reference is policy:
+        return "the reference is the policy itself"
+    return None
+
+
+def load_prompts(path: str | Path) -> list:
+    """The ``prompt`` field of each line of a JSON Lines file (a string or a message list).
+
+    Raises:
+        DataError: the file is missing or unreadable, or a line is not a JSON object with a ``prompt``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: " + ("is a directory" if path.is_dir() else "no such file"))
+    prompts = []
+    for lineno, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: line {lineno} is not a UTF-8 JSON line: {e}") from e
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
+            raise DataError(f"{path}: line {lineno}, field 'prompt': expected a non-empty string or message list, "
+                            f"got {prompt!r}")
+        prompts.append(prompt)
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts
+
+
 def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test", data_format: str = "auto",
-             max_samples: int | None = None, max_length: int = 512, max_prompt_length: int | None = 256,
-             truncation_mode: str = "keep_end", on_invalid: str = "drop", ref_model_name_or_path: str | None = None,
+             max_samples: int | None = None, max_length: int = 1024, max_prompt_length: int | None = None,
+             truncation_mode: str = "keep_start", chat_rendering: str = "trl", apply_chat_template: bool | None = None,
+             on_invalid: str = "drop", ref_model_name_or_path: str | None = None,
              loss_type="sigmoid", beta: float = 0.1, loss_params: dict | None = None, batch_size: int = 8,
              chunk_size: int | None = None, judges=("vader",), prompts: list | None = None, num_prompts: int = 64,
              max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0, gen_batch_size: int = 16,
              seed: int = 0, hessian_probes: int = 0, hessian_batches: int = 1, hessian_head_only: bool = False,
-             output_dir: str | Path | None = None, dtype: str = "float32") -> dict:
-    """Evaluate ``model_name_or_path`` against a reference (default: the model its run started from)."""
-    ref_name = ref_model_name_or_path or initial_model_of(model_name_or_path)
+             output_dir: str | Path | None = None, dtype: str = "float32", device: str | None = None) -> dict:
+    """Evaluate ``model_name_or_path`` against a reference on ``device`` (default: ``default_device()``).
+
+    The reference is ``ref_model_name_or_path`` when given, else the one the run trained against
+    (``run_reference_of``). Both models must compute logits as hidden @ W^T (``check_linear_head``, on the
+    first pairs).
+    """
+    ref_name, ref_from = ref_model_name_or_path, "ref_model_name_or_path"
+    if ref_name is None:
+        ref_name, ref_from = run_reference_of(model_name_or_path)
+    device = device or default_device()
     tokenizer = load_tokenizer(model_name_or_path)
-    policy = load_model(model_name_or_path, dtype=dtype)
+    policy = load_model(model_name_or_path, dtype=dtype, device=device)
     reference = None
     if ref_name is not None:
-        reference = policy if str(ref_name) == str(model_name_or_path) else load_model(ref_name, dtype=dtype)
+        same = str(ref_name) == str(model_name_or_path)
+        reference = policy if same else load_model(ref_name, dtype=dtype, device=device)
+        logger.info("reference: %s (from %s)", ref_name, ref_from)
     dataset, report = build_preference_dataset(
         dataset_name, tokenizer, split=split, data_format=data_format, max_length=max_length,
-        max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, on_invalid=on_invalid,
-        max_samples=max_samples)
+        max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, chat_rendering=chat_rendering,
+        apply_chat_template=apply_chat_template, on_invalid=on_invalid, max_samples=max_samples)
     pad = tokenizer.pad_token_id
+    first = next(_batches(dataset, 2, pad))
+    check_linear_head(policy, first["input_ids"], first["attention_mask"], name=model_name_or_path)
+    if reference is not None and reference is not policy:
+        check_linear_head(reference, first["input_ids"], first["attention_mask"], name=ref_name)
     results: dict = {"model": str(model_name_or_path), "reference": None if ref_name is None else str(ref_name),
+                     "reference_from": ref_from, "device": str(device),
                      "dataset": str(dataset_name), "split": split, "dropped_rows": report.dropped}
     pol = pair_outputs(policy, dataset, pad_token_id=pad, batch_size=batch_size, chunk_size=chunk_size,
                        desc="policy log-probs")
@@ -179,14 +247,18 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
     results.update({k.replace("squeeze/", "shift/"): v for k, v in shifts.items()})
     results["flatness/logit_hessian_trace"] = shifts.get("squeeze/logit_hessian_trace")
     samples = []
-    if judges and reference is not None and reference is not policy:
+    skip = _win_rate_skipped(judges, num_prompts, reference, policy)
+    if skip:
+        logger.info("judged win rate skipped: %s", skip)
+    else:
         if prompts is None:
             examples, _ = load_preference_examples(dataset_name, split=split, data_format=data_format,
                                                    on_invalid="drop", max_samples=max_samples)
             prompts = [e["prompt"] for e in examples]
         prompts = prompts[:num_prompts]
         wins, samples = judged_win_rates(policy, reference, tokenizer, prompts, judges, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, top_p=top_p, batch_size=gen_batch_size, seed=seed)
+                                         temperature=temperature, top_p=top_p, batch_size=gen_batch_size, seed=seed,
+                                         judge_device=device)
         results.update(wins)
     if hessian_probes > 0:
         mean, stderr = hessian_trace_of_loss(policy, dataset, pad_token_id=pad, ref=ref, loss_type=loss_type,
@@ -197,7 +269,7 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval_results.json").write_text(json.dumps(results, indent=2))
+        write_json(out / "eval_results.json", results, indent=2)
         if samples:
             with (out / "eval_samples.jsonl").open("w") as f:
                 f.writelines(json.dumps(s) + "\n" for s in samples)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from logitsam._atomic import write_text as atomic_write_text
 from logitsam.report import plots
 from logitsam.report.runs import group_runs, load_run, pick_baseline
 from logitsam.report.tables import (
@@ -167,8 +168,8 @@ def build_report(run_dirs: Sequence[str | Path], output_dir: str | Path, *, titl
     summary, evals, costs = summary_table(groups, base), eval_table(groups), cost_table(groups, base)
     sections = _layout(runs, groups, base, figures, summary, evals, costs)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    md_path.write_text(_markdown(title, sections, out_dir), encoding="utf-8")
-    html_path.write_text(_html(title, sections), encoding="utf-8")
+    atomic_write_text(md_path, _markdown(title, sections, out_dir))
+    atomic_write_text(html_path, _html(title, sections))
     return {
         "markdown": md_path,
         "html": html_path,

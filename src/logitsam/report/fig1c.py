@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .._atomic import atomic_path
 from .runs import load_run
 
 CURVES = (
@@ -57,6 +58,7 @@ def plot_fig1c(run_dirs: dict[str, str | Path], path: str | Path, *, title: str)
     fig.text(0.5, 0.005, "Per-token log-probs on a fixed held-out set (unperturbed head) every few steps; "
              "squeezing shows as log p(y*) rising while log p(y+) falls.", ha="center", fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return summary

@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # files only: no display, safe in CI and in threads
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from logitsam._atomic import atomic_path  # noqa: E402
 from logitsam.report.runs import ACCURACY, CHOSEN_DELTA, Run, group_stat, seed_curve  # noqa: E402
 from logitsam.report.tables import Sweep  # noqa: E402
 
@@ -55,7 +56,8 @@ def _save(fig, path: Path, n_legend: int) -> Path:
     rows = (n_legend + 3) // 4
     fig.subplots_adjust(left=0.8 / width, right=1 - 0.15 / width, top=1 - 0.6 / height,
                         bottom=(0.6 + 0.25 * rows) / height, wspace=0.28)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:  # the temporary name keeps .png: savefig picks the format from it
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 

@@ -82,10 +82,10 @@ def derive_variant(config: dict) -> str:
     if sam == "none":
         return name
     name += f"+{sam}-sam"
-    if config.get("sam_adaptive"):
-        name += "-adaptive"
-    if config.get("sam_asam"):
-        name += "-asam"
+    variant = config.get("sam_variant") or ("asam" if config.get("sam_asam") else
+                                            "adaptive" if config.get("sam_adaptive") else "plain")
+    if variant != "plain":
+        name += f"-{variant}"
     return name
 
 

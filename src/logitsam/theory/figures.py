@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only: no display, safe in CI and in threads
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from logitsam._atomic import atomic_path  # noqa: E402
 from logitsam.theory.checks import ModalGrowth, Thm32Result  # noqa: E402
 from logitsam.theory.dynamics import Trajectory  # noqa: E402
 from logitsam.theory.softmax import modal_factors  # noqa: E402
@@ -29,7 +30,8 @@ def _save(fig: plt.Figure, path: Path, caption: str, **margins: float) -> Path:
     text = textwrap.fill(caption, int(fig.get_figwidth() * 14))
     fig.text(0.5, 0.01, text, ha="center", va="bottom", fontsize=9, style="italic")
     fig.subplots_adjust(**margins)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # the temporary name keeps .png: savefig picks the format from it
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from logitsam._atomic import write_text as atomic_write_text
 from logitsam.theory import figures
 from logitsam.theory.checks import (
     check_cor34,
@@ -164,7 +165,7 @@ def run_theory(output_dir: str | Path, *, seeds: int = 200, steps: int = 150, pr
 
     summary["figures"] = dict(CAPTIONS)
     summary["seconds"] = time.perf_counter() - started
-    (output_dir / "summary.md").write_text(render_summary(summary))
+    atomic_write_text(output_dir / "summary.md", render_summary(summary))
     return summary
 
 
