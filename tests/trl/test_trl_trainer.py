@@ -1,0 +1,198 @@
+"""LogitsSAMDPOTrainer against TRL 1.16's DPOTrainer (sam_rho = 0) and our PreferenceTrainer (logits-SAM).
+
+Each comparison runs both trainers on the same tiny random Llama, the same pairs and the same settings.
+With ``sam_rho = 0`` one SGD step must leave the same weights as TRL's (and log the same loss and metrics);
+a loss with its sign flipped, a wrong reference or a mis-mapped ``label_smoothing`` moves the weights the
+other way. With logits-SAM on, the perturbed loss and every gradient must equal PreferenceTrainer's on the
+same tokens (the batch is TRL's, mapped to logitsam's collator keys by ``as_logitsam_batch``).
+"""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+from logitsam.core import IGNORE_INDEX  # noqa: E402
+from logitsam.train.trainer import PreferenceTrainer  # noqa: E402
+from logitsam.trl import LogitsSAMConfig, LogitsSAMDPOTrainer  # noqa: E402
+
+WORDS = ["good", "bad", "fine", "great", "awful", "nice", "poor", "kind", "rude", "calm"]
+TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy", "num_tokens")
+SAM_METRICS = ("loss_pre", "loss_post", "grad_norm", "first_order")
+
+
+def pairs(n=4):
+    rows = [{"prompt": f"Say something {i}:", "chosen": f" {WORDS[i % 10]} {WORDS[i % 10]} day",
+             "rejected": f" {WORDS[(3 * i + 1) % 10]} night {i}"} for i in range(n)]
+    return Dataset.from_list(rows)
+
+
+def settings(out, **overrides):
+    values = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=1, learning_rate=0.5, optim="sgd",
+                  lr_scheduler_type="constant", report_to="none", use_cpu=True, logging_steps=1, save_strategy="no",
+                  seed=0, dataloader_num_workers=0, disable_tqdm=True, beta=0.5, max_length=64, bf16=False)
+    values.update(overrides)
+    return values
+
+
+def models(tie=False):
+    tok = make_tiny_tokenizer()
+    return tok, make_tiny_llama(vocab_size=len(tok), tie=tie), make_tiny_llama(vocab_size=len(tok), tie=tie, seed=1)
+
+
+def one_step(trainer_cls, config_cls, out, tok, model, ref, **overrides):
+    args = config_cls(**settings(out, **overrides))
+    trainer = trainer_cls(model=copy.deepcopy(model), ref_model=None if ref is None else copy.deepcopy(ref),
+                          args=args, train_dataset=pairs(), processing_class=tok)
+    trainer.train()
+    weights = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    return trainer.state.log_history[0], weights
+
+
+def assert_same_step(ours, theirs, before):
+    """Same loss and metrics, and the same update to every trained weight (the update is far from 0)."""
+    (log_a, w_a), (log_b, w_b) = ours, theirs
+    assert log_a["loss"] == pytest.approx(log_b["loss"], rel=1e-5, abs=1e-6)
+    for key in TRL_METRICS:
+        assert log_a[key] == pytest.approx(log_b[key], rel=1e-4, abs=1e-5), key
+    assert w_a.keys() == w_b.keys()
+    moved = max((w_b[k] - before[k]).abs().max().item() for k in w_b)
+    assert moved > 1e-3
+    for k in w_a:
+        torch.testing.assert_close(w_a[k] - before[k], w_b[k] - before[k], rtol=1e-4, atol=1e-5 * moved, msg=k)
+
+
+CASES = {
+    "sigmoid": {"loss_type": "sigmoid"},
+    "ipo": {"loss_type": "ipo"},
+    "weighted": {"loss_type": ["sigmoid", "ipo", "sft"], "loss_weights": [0.8, 0.3, 1.0]},
+    "sigmoid-ls": {"loss_type": "sigmoid", "label_smoothing": 0.2},  # TRL 1.16 ignores it for sigmoid
+    "robust-ls": {"loss_type": "robust", "label_smoothing": 0.2},
+    "exo_pair": {"loss_type": "exo_pair", "label_smoothing": 1e-3},
+    "discopop": {"loss_type": "discopop", "discopop_tau": 0.3},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rho_zero_step_equals_trl(tmp_path, case):
+    tok, model, ref = models()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ours = one_step(LogitsSAMDPOTrainer, LogitsSAMConfig, tmp_path / "ours", tok, model, ref, sam_rho=0.0,
+                    **CASES[case])
+    theirs = one_step(DPOTrainer, DPOConfig, tmp_path / "trl", tok, model, ref, **CASES[case])
+    assert_same_step(ours, theirs, before)
+    assert not any(k.startswith("sam/") for k in ours[0])
+
+
+@pytest.mark.parametrize("reference", ["tied", "precomputed", "peft"])
+def test_rho_zero_reference_modes_equal_trl(tmp_path, reference):
+    """TRL's reference handling is reused: tied head, precomputed reference log-probs, PEFT adapters off."""
+    tok, model, ref = models(tie=reference == "tied")
+    extra, kwargs = {}, {}
+    if reference == "precomputed":  # computed once before training, by TRL, read from the batch
+        extra = {"precompute_ref_log_probs": True}
+    if reference == "peft":  # the reference is the policy with its adapters off
+        peft = pytest.importorskip("peft")
+        ref = None
+        kwargs["peft_config"] = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False)
+    runs = []
+    for trainer_cls, config_cls, more in ((LogitsSAMDPOTrainer, LogitsSAMConfig, {"sam_rho": 0.0}),
+                                          (DPOTrainer, DPOConfig, {})):
+        args = config_cls(**settings(tmp_path / trainer_cls.__name__, **extra, **more))
+        trainer = trainer_cls(model=copy.deepcopy(model), ref_model=copy.deepcopy(ref), args=args,
+                              train_dataset=pairs(), processing_class=tok, **kwargs)
+        before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+        trainer.train()
+        runs.append((trainer.state.log_history[0],
+                     {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}))
+    if reference == "peft":
+        assert all("lora" in k for k in before)
+    assert runs[0][0]["rewards/margins"] != 0.0  # the policy is not its own reference
+    assert_same_step(*runs, before)
+
+
+def test_bf16_autocast_default_close_to_trl(tmp_path):
+    """TRL's configs default to bf16 autocast (on CPU too): both heads round differently, the step agrees to bf16."""
+    tok, model, ref = models()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    runs = [one_step(LogitsSAMDPOTrainer, LogitsSAMConfig, tmp_path / "ours", tok, model, ref, sam_rho=0.0, bf16=True),
+            one_step(DPOTrainer, DPOConfig, tmp_path / "trl", tok, model, ref, bf16=True)]
+    assert runs[0][0]["loss"] == pytest.approx(runs[1][0]["loss"], rel=1e-2)
+    ua = torch.cat([(runs[0][1][k] - before[k]).flatten() for k in before])
+    ub = torch.cat([(runs[1][1][k] - before[k]).flatten() for k in before])
+    assert torch.nn.functional.cosine_similarity(ua, ub, dim=0) > 0.999
+
+
+def as_logitsam_batch(batch):
+    """TRL's collated batch -> logitsam's collator keys: labels are the completion tokens, -100 elsewhere."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+def grads_of(trainer, model, inputs):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    sam = {k: trainer._metrics["train"][f"sam/{k}"][-1] for k in SAM_METRICS}
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}, sam
+
+
+@pytest.mark.parametrize(("tie", "chunk", "variant", "loss_type"), [
+    (False, None, "plain", "sigmoid"), (True, None, "plain", "sigmoid"), (False, 7, "plain", "ipo"),
+    (True, 5, "asam", ["sigmoid", "sft"]),
+])
+def test_logits_sam_equals_preference_trainer(tmp_path, tie, chunk, variant, loss_type):
+    """The perturbed loss, the SAM statistics and every gradient equal PreferenceTrainer's on TRL's tokens."""
+    tok, model, ref = models(tie=tie)
+    rho = 0.05
+    args = LogitsSAMConfig(**settings(tmp_path / "ours", sam_rho=rho, sam_chunk_size=chunk, sam_vocab_chunk_size=37,
+                                      sam_variant=variant, loss_type=loss_type))
+    ours = LogitsSAMDPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(ref), args=args,
+                               train_dataset=pairs(), processing_class=tok)
+    batch = ours.data_collator([ours.train_dataset[i] for i in range(4)])
+    loss_a, grads_a, sam_a = grads_of(ours, ours.model, batch)
+
+    theirs = PreferenceTrainer(model=copy.deepcopy(model), args=TrainingArguments(str(tmp_path / "pt"), use_cpu=True,
+                               report_to="none"), loss_type=loss_type, beta=0.5, sam="logits", sam_rho=rho,
+                               sam_variant=variant, ref_model=copy.deepcopy(ref).eval())
+    loss_b, grads_b, sam_b = grads_of(theirs, theirs.model, as_logitsam_batch(batch))
+
+    assert sam_a["loss_post"] - sam_a["loss_pre"] > 1e-3  # the perturbation acts
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for key in SAM_METRICS:
+        assert sam_a[key] == pytest.approx(sam_b[key], rel=1e-4, abs=1e-7), key
+    assert ours._metrics["train"]["sam/first_order_ratio"][-1] == pytest.approx(1.0, abs=0.5)
+    for k, g in grads_b.items():
+        torch.testing.assert_close(grads_a[k], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=k)
+    # ... and they are not the plain gradients
+    ours.args.sam_rho = 0.0
+    ours.model.zero_grad(set_to_none=True)
+    ours.compute_loss(ours.model, batch).backward()
+    plain = {k: p.grad for k, p in ours.model.named_parameters()}
+    assert max(((plain[k] - g).abs().max() / g.abs().max()).item() for k, g in grads_b.items()) > 1e-3
+
+
+def test_evaluate_equals_trl(tmp_path):
+    """Evaluation runs the plain head pass (no SAM) and logs TRL's eval_* metrics with TRL's values."""
+    tok, model, ref = models()
+    results = []
+    for trainer_cls, config_cls, more in ((LogitsSAMDPOTrainer, LogitsSAMConfig, {"sam_rho": 0.05}),
+                                          (DPOTrainer, DPOConfig, {})):
+        args = config_cls(**settings(tmp_path / trainer_cls.__name__, per_device_eval_batch_size=3, **more))
+        trainer = trainer_cls(model=copy.deepcopy(model), ref_model=copy.deepcopy(ref), args=args,
+                              train_dataset=pairs(), eval_dataset=pairs(5), processing_class=tok)
+        results.append(trainer.evaluate())
+    ours, theirs = results
+    assert not any("sam/" in k for k in ours)
+    for key in ("eval_loss", *(f"eval_{k}" for k in TRL_METRICS if k != "num_tokens")):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), key
