@@ -1,0 +1,253 @@
+"""The study's report from its committed run folders: the Table-3 analogue and the Fig.-1c analogue.
+
+Reads ``<study>/runs/<run_id>/`` (the small files `logitsam study` keeps) and ``<study>/study.yaml``; trains
+nothing. Writes beside them:
+
+- ``summary.md``: per cell, each metric per rho as mean [95 % t-interval] over seeds, and the paired
+  difference to the cell's rho = 0 (else the main grid's rho = 0), seed by seed, with its interval;
+- ``summary.json``: the same numbers, machine-readable;
+- ``fig1c.png``: per-token log-probs of chosen, rejected and y* on the fixed held-out set against the step,
+  mean over seeds with a 95 % band, for rho = 0, the best rho and the largest (or ``report.figure_rhos``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from .._atomic import atomic_path
+from .._atomic import write_json as atomic_write_json
+from .._atomic import write_text as atomic_write_text
+from ..report.fig1c import CURVES
+from ..report.runs import Run, load_run
+from .plan import MAIN, rho_tag
+from .stats import Interval, mean_interval, paired_difference
+
+YSTAR = "eval_squeeze/argmax_logp_chosen"
+
+
+def _result(key: str) -> Callable[[Run], float | None]:
+    return lambda run: run.eval_results.get(key)
+
+
+def _info(key: str) -> Callable[[Run], float | None]:
+    return lambda run: run.info.get(key)
+
+
+def ystar_change(run: Run) -> float | None:
+    """Change of the per-token log-prob of the argmax token y* on the held-out chosen responses, from the
+    step-0 eval (the initial model) to the last eval of the run; None without a step-0 record."""
+    records = [r for r in run.eval if r.get(YSTAR) is not None]
+    if not records or records[0].get("step") != 0:
+        return None
+    return float(records[-1][YSTAR]) - float(records[0][YSTAR])
+
+
+# (name, label, how to read it from one run); a metric no run has is left out of the table
+METRICS: tuple[tuple[str, str, Callable[[Run], float | None]], ...] = (
+    ("accuracy", "held-out preference accuracy", _result("eval/preference_accuracy")),
+    ("chosen_delta", "chosen Δ log-prob vs initial", _result("shift/chosen_delta_ref")),
+    ("rejected_delta", "rejected Δ log-prob vs initial", _result("shift/rejected_delta_ref")),
+    ("displacement_rate", "displacement rate (chosen down)", _result("shift/displacement_rate")),
+    ("both_down_rate", "both-down rate", _result("shift/both_down_rate")),
+    ("ystar_delta", "y* Δ log-prob per token", ystar_change),
+    ("win_rate", "VADER win rate vs initial", _result("winrate/vader/win_rate")),
+    ("seconds_per_step", "s/step", _info("seconds_per_step")),
+    ("hessian_trace", "parameter-Hessian trace (Hutchinson)", _result("flatness/hessian_trace")),
+    ("logit_hessian_trace", "logit-Hessian trace", _result("flatness/logit_hessian_trace")),
+)
+
+
+def load_study_runs(study_dir: str | Path) -> list[tuple[dict, Run]]:
+    """(study_run.json record, Run) of every finished run under ``study_dir/runs``, sorted by run id."""
+    out = []
+    for record_path in sorted(Path(study_dir).glob("runs/*/study_run.json")):
+        record = json.loads(record_path.read_text())
+        out.append((record, load_run(record_path.parent)))
+    return out
+
+
+def _value(getter, run: Run) -> float | None:
+    value = getter(run)
+    if value is None or isinstance(value, bool):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def summarize(runs: list[tuple[dict, Run]]) -> list[dict]:
+    """One entry per (cell, rho): seeds, each metric's ``Interval`` and its paired difference to the baseline."""
+    groups: dict[tuple[str, float], dict[int, Run]] = {}
+    for record, run in runs:
+        groups.setdefault((record["cell"], float(record["rho"])), {})[int(record["seed"])] = run
+    cells = [MAIN] + sorted({c for c, _ in groups} - {MAIN})
+    out = []
+    for cell in cells:
+        for rho in sorted(r for c, r in groups if c == cell):
+            by_seed = groups[(cell, rho)]
+            base_key = (cell, 0.0) if (cell, 0.0) in groups else (MAIN, 0.0)
+            base = groups.get(base_key) if (cell, rho) != base_key else None
+            entry = {"cell": cell, "rho": rho, "seeds": sorted(by_seed), "metrics": {}, "paired": {},
+                     "baseline": None if base is None else {"cell": base_key[0], "rho": base_key[1]}}
+            for name, _, getter in METRICS:
+                values = {s: v for s, r in by_seed.items() if (v := _value(getter, r)) is not None}
+                entry["metrics"][name] = mean_interval(values.values())
+                if base is not None:
+                    base_values = {s: v for s, r in base.items() if (v := _value(getter, r)) is not None}
+                    entry["paired"][name] = paired_difference(values, base_values)
+            out.append(entry)
+    return out
+
+
+def _num(x: float, sign: bool = False) -> str:
+    return f"{x:+.4g}" if sign else f"{x:.4g}"
+
+
+def format_interval(iv: Interval | None, sign: bool = False) -> str:
+    """``0.594 [0.55, 0.64]``; one value alone for n = 1; ``n/a`` for none."""
+    if iv is None:
+        return "n/a"
+    if iv.n == 1:
+        return f"{_num(iv.mean, sign)} (1 seed)"
+    return f"{_num(iv.mean, sign)} [{_num(iv.low, sign)}, {_num(iv.high, sign)}]"
+
+
+def _group_label(entry: dict) -> str:
+    return ("rho 0 (DPO)" if entry["rho"] == 0 else f"rho {rho_tag(entry['rho'])}") + f", n={len(entry['seeds'])}"
+
+
+def format_tables(summary: list[dict]) -> str:
+    """Markdown: per cell, a table of means and one of paired differences (metrics as rows, rhos as columns)."""
+    parts = []
+    for cell in dict.fromkeys(e["cell"] for e in summary):
+        entries = [e for e in summary if e["cell"] == cell]
+        names = [(n, label) for n, label, _ in METRICS if any(e["metrics"][n] is not None for e in entries)]
+        parts.append(f"### {'main grid' if cell == MAIN else f'cell {cell}'}: mean [95 % t-interval] over seeds\n")
+        parts.append("| metric | " + " | ".join(_group_label(e) for e in entries) + " |")
+        parts.append("|---|" + "---:|" * len(entries))
+        for name, label in names:
+            parts.append(f"| {label} | " + " | ".join(format_interval(e["metrics"][name]) for e in entries) + " |")
+        paired = [e for e in entries if e["paired"]]
+        if paired:
+            base = paired[0]["baseline"]
+            base_name = f"rho 0 of {'the main grid' if base['cell'] == MAIN else 'cell ' + base['cell']}"
+            parts.append(f"\n{'Main grid' if cell == MAIN else f'Cell {cell}'}: paired difference to {base_name} "
+                         "(same seed), mean [95 % t-interval]\n")
+            parts.append("| metric | " + " | ".join(f"{_group_label(e)} − rho 0" for e in paired) + " |")
+            parts.append("|---|" + "---:|" * len(paired))
+            for name, label in names:
+                parts.append(f"| {label} | " + " | ".join(format_interval(e["paired"][name], sign=True)
+                                                          for e in paired) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def figure_rhos(summary: list[dict], wanted: list | None = None) -> list[float]:
+    """The main grid's rhos to draw: ``wanted``, else 0, the best rho (highest mean held-out accuracy) and the
+    largest one."""
+    main = {e["rho"]: e for e in summary if e["cell"] == MAIN}
+    if wanted:
+        return [float(r) for r in wanted if float(r) in main]
+    picks = [0.0] if 0.0 in main else []
+    scored = [(e["metrics"]["accuracy"].mean, -rho, rho) for rho, e in main.items()
+              if rho > 0 and e["metrics"]["accuracy"] is not None]
+    if scored:
+        picks.append(max(scored)[2])
+    if main and max(main) > 0:
+        picks.append(max(main))
+    return list(dict.fromkeys(picks))
+
+
+def curve_bands(runs: list[Run], key: str) -> tuple[list[int], list[Interval]]:
+    """Per eval step, the interval over the runs of ``key`` (the last record of a step wins: the end-of-run
+    evaluate() repeats the last eval step)."""
+    at: dict[int, list[float]] = {}
+    for run in runs:
+        per_step = {int(r["step"]): float(r[key]) for r in run.eval if r.get(key) is not None and "step" in r}
+        for step, value in per_step.items():
+            at.setdefault(step, []).append(value)
+    steps = sorted(at)
+    return steps, [mean_interval(at[s]) for s in steps]
+
+
+def plot_bands(runs: list[tuple[dict, Run]], rhos: list[float], path: Path, *, title: str) -> dict:
+    """Three panels (chosen, rejected, y*), one line per rho with its band; returns first/last means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    out = {}
+    for rho in rhos:
+        members = [run for record, run in runs if record["cell"] == MAIN and float(record["rho"]) == rho]
+        label = f"{'DPO (rho 0)' if rho == 0 else f'logits-SAM rho {rho_tag(rho)}'}, {len(members)} seeds"
+        out[rho_tag(rho)] = {}
+        for ax, (key, panel) in zip(axes, CURVES, strict=True):
+            steps, bands = curve_bands(members, "eval_" + key)
+            if not steps:
+                continue
+            means = [b.mean for b in bands]
+            (line,) = ax.plot(steps, means, marker="o", ms=2, label=label)
+            if all(b.n > 1 for b in bands):
+                ax.fill_between(steps, [b.low for b in bands], [b.high for b in bands], color=line.get_color(),
+                                alpha=0.2, linewidth=0)
+            ax.set_title(panel)
+            out[rho_tag(rho)][key] = {"first": means[0], "last": means[-1], "change": means[-1] - means[0]}
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("mean log-prob per token (nats)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.text(0.5, 0.005, "Fixed held-out pairs, unperturbed head, every eval_steps; line: mean over seeds, band: "
+             "95 % t-interval. Squeezing shows as log p(y*) rising while log p(y+) falls.", ha="center", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _jsonable(summary: list[dict]) -> list[dict]:
+    def iv(x):
+        return None if x is None else {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                       for k, v in x._asdict().items()}
+
+    return [{**e, "metrics": {k: iv(v) for k, v in e["metrics"].items()},
+             "paired": {k: iv(v) for k, v in e["paired"].items()}} for e in summary]
+
+
+def build_study_report(study_dir: str | Path) -> dict:
+    """Write summary.md, summary.json and fig1c.png into ``study_dir`` from its finished runs.
+
+    Raises:
+        ValueError: ``study_dir`` holds no finished run.
+    """
+    study_dir = Path(study_dir)
+    runs = load_study_runs(study_dir)
+    if not runs:
+        raise ValueError(f"{study_dir}: no finished study runs (runs/*/study_run.json)")
+    recipe = study_dir / "study.yaml"
+    options = {}
+    if recipe.is_file():
+        options = (yaml.safe_load(recipe.read_text()) or {}).get("report") or {}
+    name = study_dir.name
+    summary = summarize(runs)
+    rhos = figure_rhos(summary, options.get("figure_rhos"))
+    title = options.get("title") or f"logitsam study {name}: DPO vs DPO + logits-SAM, Fig. 1c analogue"
+    curves = plot_bands(runs, rhos, study_dir / "fig1c.png", title=title)
+    tables = format_tables(summary)
+    seeds = sorted({int(r["seed"]) for r, _ in runs})
+    md = (f"# Study {name}\n\n{len(runs)} finished runs, seeds {seeds}. Rebuild with "
+          f"`logitsam report {study_dir}`.\n\n{tables}\n![Fig. 1c analogue](fig1c.png)\n")
+    atomic_write_text(study_dir / "summary.md", md)
+    atomic_write_json(study_dir / "summary.json", {"groups": _jsonable(summary), "figure_rhos": rhos,
+                                                   "curves": curves}, indent=2)
+    files = [study_dir / n for n in ("summary.md", "summary.json", "fig1c.png")]
+    return {"files": [str(f) for f in files], "markdown": md, "summary": summary}

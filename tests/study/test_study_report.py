@@ -1,0 +1,64 @@
+"""The study report from a small committed results folder (made by the fake runner), against hand values."""
+
+import json
+import shutil
+
+import pytest
+from fake_study import FakeRunner, recipe, write_recipe, ystar
+
+from logitsam.cli import main
+from logitsam.study import build_study_report, load_study, run_study
+
+
+@pytest.fixture
+def results(tmp_path, pairs_file):
+    """Six finished runs (rho 0 and 1e-2, seeds 1-3), only their small files, as a later session finds them."""
+    study = write_recipe(tmp_path / "mini.yaml", recipe(pairs_file))
+    out = tmp_path / "docs" / "mini"
+    run_study(load_study(study), out, scratch_dir=tmp_path / "scratch", runner=FakeRunner(),
+              report=lambda out: {"files": []})
+    return out
+
+
+def test_table_and_paired_difference_match_hand_values(results):
+    """chosen Δ: rho 0 gives -1, -2, -4 (seeds 1, 2, 3), rho 1e-2 gives -0.9, -1.8, -3.7.
+    rho 0: mean -7/3, s = sqrt(7/3), half width t_{0.975,2} s / sqrt(3) = 4.30265 x 0.881917 = 3.79458.
+    Paired differences 0.1, 0.2, 0.3: mean 0.2, s = 0.1, half width 4.30265 x 0.1 / sqrt(3) = 0.248414.
+    y* change (step 0 -> step 4): rho 0: 4 x 0.05 = 0.2 per seed (no spread); rho 1e-2: 4 x 0.03 = 0.12."""
+    result = build_study_report(results)
+    groups = {g["rho"]: g for g in json.loads((results / "summary.json").read_text())["groups"]}
+    base, sam = groups[0.0]["metrics"]["chosen_delta"], groups[0.01]["metrics"]["chosen_delta"]
+    assert base["mean"] == pytest.approx(-7 / 3) and base["n"] == 3
+    assert (base["low"], base["high"]) == (pytest.approx(-7 / 3 - 3.79458, abs=1e-4),
+                                           pytest.approx(-7 / 3 + 3.79458, abs=1e-4))
+    assert sam["mean"] == pytest.approx(-6.4 / 3)
+    diff = groups[0.01]["paired"]["chosen_delta"]
+    assert diff["mean"] == pytest.approx(0.2) and diff["high"] - diff["mean"] == pytest.approx(0.248414, abs=1e-5)
+    assert groups[0.0]["paired"] == {} and groups[0.01]["baseline"] == {"cell": "main", "rho": 0.0}
+    assert groups[0.0]["metrics"]["ystar_delta"]["mean"] == pytest.approx(ystar(4, 0, 1) - ystar(0, 0, 1))
+    assert groups[0.01]["metrics"]["ystar_delta"]["mean"] == pytest.approx(0.12)
+    assert groups[0.01]["paired"]["ystar_delta"]["mean"] == pytest.approx(-0.08)
+    md = (results / "summary.md").read_text()
+    assert md == result["markdown"]
+    assert "| chosen Δ log-prob vs initial | -2.333 [-6.128, 1.461] | -2.133 [" in md
+    assert "+0.2 [-0.04841, +0.4484]" in md
+    assert "VADER win rate" not in md  # a metric no run has is left out
+    assert (results / "fig1c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_figure_draws_dpo_best_and_largest_rho(results):
+    build_study_report(results)
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["figure_rhos"] == [0.0, 0.01]
+    curve = summary["curves"]["1e-2"]["squeeze/argmax_logp_chosen"]
+    assert curve["change"] == pytest.approx(0.12)  # mean over seeds, step 0 -> 4
+
+
+def test_cli_report_rebuilds_from_the_folder_alone(results, tmp_path, capsys):
+    shutil.rmtree(tmp_path / "scratch", ignore_errors=True)  # weights, logs, configs: not needed
+    main(["report", str(results)])
+    assert "paired difference to rho 0 of the main grid" in capsys.readouterr().out
+    assert (results / "summary.md").exists()
+    (results / "summary.md").unlink()
+    main(["study", "--report_only", "--output_dir", str(results)])
+    assert (results / "summary.md").exists()
