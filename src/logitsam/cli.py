@@ -165,8 +165,25 @@ def cmd_train(args, extra):
     check_before_loading(cfg)
     from .train.run import run_training
 
-    result = run_training(cfg)
+    ok = False
+    try:
+        result = run_training(cfg)
+        ok = True
+    finally:
+        _close_process_group(wait=ok)
     print(json.dumps(result, indent=2, default=str))
+
+
+def _close_process_group(*, wait: bool) -> None:
+    """Tear torch.distributed down before the interpreter exits: left to process exit, a gloo/FSDP worker thread
+    can abort the process ("terminate called without an active exception") after the run has finished. After a
+    failure there is no barrier: the other ranks may never reach it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_bench(args, extra):

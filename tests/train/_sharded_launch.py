@@ -14,8 +14,8 @@
   shared-memory comm op is not built (a JIT compile). ``run.check_linear_head`` is skipped: it runs a forward on the
   model outside the engine, where ZeRO-3 (``zero.Init`` at load) holds empty partitions.
 
-After training, rank 0 writes ``sharding.json`` (which parameters are DTensors or empty ZeRO-3 partitions) into
-the output directory.
+After training, rank 0 writes ``sharding.json`` (which parameters are DTensors or empty ZeRO-3 partitions, the
+policy's and, under ``ref``, a separate reference model's) into the output directory.
 """
 
 import json
@@ -113,6 +113,13 @@ def _report_sharding():
                     "dtensor_params": sum(isinstance(p, DTensor) for p in params.values()),
                     "head_is_dtensor": isinstance(lm_head_of(self.model).weight, DTensor),
                     "zero3_partitioned": sum(hasattr(p, "ds_numel") and p.numel() == 0 for p in params.values())}
+            if self.ref_model is not None:
+                ref = dict(self.ref_model.named_parameters())
+                info["ref"] = {"type": type(self.ref_model).__name__, "params": len(ref),
+                               "dtensor_params": sum(isinstance(p, DTensor) for p in ref.values()),
+                               "zero3_partitioned": sum(hasattr(p, "ds_numel") and p.numel() == 0
+                                                        for p in ref.values()),
+                               "device": str(next(iter(ref.values())).device)}
             (Path(self.args.output_dir) / "sharding.json").write_text(json.dumps(info))
         return result
 

@@ -60,3 +60,25 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, sam):
             assert ratios and all(0.5 < r < 2 for r in ratios), ratios
         else:
             assert all(r["sam/loss_post"] > r["sam/loss_pre"] for r in logs if "sam/loss_pre" in r)
+
+
+ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
+
+
+@pytest.mark.skipif(not os.path.exists(ACCELERATE), reason="accelerate launcher not available")
+def test_accelerate_launch_runs_two_processes(tiny_model_dir, tmp_path):
+    """``accelerate launch -m logitsam.cli train``: two ranks that end in sync.
+
+    On CPUs accelerate 1.15 starts several processes only through its torchrun path (``--multi_gpu``, here with
+    gloo through ``--use_cpu true``); ``--cpu --num_processes 2`` without ``--mpirun_hostfile`` starts one process.
+    """
+    env = {**os.environ, "LOGITSAM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(29500 + (os.getpid() + 7) % 1000), "-m", "logitsam.cli"]
+    _run([*launch, "train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(_data(tmp_path)),
+          "--sam", "logits", "--sam_rho", "0.05", *COMMON, "--per_device_train_batch_size", "2",
+          "--output_dir", str(out)], env)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["ranks_in_sync"] is True and info["global_step"] == 2

@@ -12,6 +12,7 @@ exists (see ``_sharded_launch.py`` for the CPU workarounds).
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -73,3 +74,28 @@ def test_full_sam_is_refused_under_deepspeed(workdir, ds_config, tmp_path):
     assert proc.returncode != 0
     assert "config key 'sam' = 'full' cannot run with 'deepspeed'" in proc.stderr, proc.stderr[-3000:]
 
+
+
+def test_zero3_separate_reference_is_partitioned_and_equals_ddp(workdir, ds_config, tmp_path):
+    """DPO with ``precompute_ref_log_probs: false`` and a separate reference (a copy of the policy's directory):
+    the reference runs in a DeepSpeed inference engine, every parameter an empty ZeRO-3 partition outside its
+    forward, and two logits-SAM steps land on DDP's weights to 1e-6 (step 2's rewards depend on the reference)."""
+    ref_dir = workdir / "ref-copy"
+    if not ref_dir.exists():
+        shutil.copytree(workdir / "model-False", ref_dir)
+    extra = ["--precompute_ref_log_probs", "false", "--ref_model_name_or_path", str(ref_dir), "--max_steps", "2"]
+    ddp, ds = tmp_path / "ddp", tmp_path / "zero3"
+    ok(launch(workdir, ddp, False, None, fsdp=False, extra=extra))
+    ok(launch(workdir, ds, False, None, fsdp=False, launcher=True, env_extra=DS_ENV,
+              extra=[*extra, "--use_cpu", "false", "--deepspeed", str(ds_config)]))
+    ref = json.loads((ds / "sharding.json").read_text())["ref"]
+    assert ref["type"] == "DeepSpeedEngine" and ref["zero3_partitioned"] == ref["params"] > 0, ref
+    assert json.loads((ds / "run_info.json").read_text())["ranks_in_sync"] is True
+    a, b = (load_file(d / "model.safetensors") for d in (ddp, ds))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+    logs = {d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (ddp, ds)}
+    margins = {d: [r["rewards/margins"] for r in logs[d] if "rewards/margins" in r] for d in logs}
+    assert len(margins[ds]) == 2 and margins[ds][1] != 0, margins
+    assert margins[ds] == pytest.approx(margins[ddp], abs=1e-6), margins

@@ -16,6 +16,7 @@ weights (w - lr * grad) to 1e-6, so every parameter's gradient, the head's inclu
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -106,3 +107,24 @@ def test_full_sam_is_refused_under_fsdp(workdir, tmp_path):
     proc = launch(workdir, tmp_path / "full", False, None, fsdp=True, sam="full")
     assert proc.returncode != 0
     assert "config key 'sam' = 'full' cannot run with 'fsdp'" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_fsdp2_separate_reference_is_sharded_and_equals_ddp(workdir, tmp_path):
+    """``precompute_ref_log_probs: false`` with a separate reference (a copy of the policy's directory): two
+    logits-SAM steps under FSDP2 land on DDP's weights to 1e-6, and the reference is sharded as the policy is
+    (every parameter a DTensor; its head pass runs inside its own FSDP2 root's forward). Step 1 moves the policy
+    off the reference, so step 2's loss and rewards depend on the reference's log-probs."""
+    ref_dir = workdir / "ref-copy"
+    if not ref_dir.exists():
+        shutil.copytree(workdir / "model-True", ref_dir)
+    extra = ["--precompute_ref_log_probs", "false", "--ref_model_name_or_path", str(ref_dir), "--max_steps", "2"]
+    runs = {fsdp: tmp_path / f"fsdp-{fsdp}" for fsdp in (False, True)}
+    for fsdp, out in runs.items():
+        ok(launch(workdir, out, True, None, fsdp=fsdp, extra=extra))
+    ref = json.loads((runs[True] / "sharding.json").read_text())["ref"]
+    assert ref["params"] > 0 and ref["dtensor_params"] == ref["params"], ref
+    _assert_same_step(runs[True], runs[False], workdir / "model-True", True)
+    logs = {f: [json.loads(line) for line in (runs[f] / "metrics.jsonl").read_text().splitlines()] for f in runs}
+    margins = {f: [r["rewards/margins"] for r in logs[f] if "rewards/margins" in r] for f in logs}
+    assert len(margins[True]) == 2 and margins[True][1] != 0, margins
+    assert margins[True] == pytest.approx(margins[False], abs=1e-6), margins

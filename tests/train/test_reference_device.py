@@ -145,3 +145,20 @@ def test_model_identity_does_not_read_every_weight(tiny_model_dir):
     start = time.perf_counter()
     model_identity(model)
     assert time.perf_counter() - start < 1.0  # hashing every byte: about 7 s here
+
+
+@pytest.mark.parametrize("use_cpu", DEVICES)
+def test_trainer_prepares_a_separate_reference_on_its_device(tmp_path, use_cpu):
+    """A separate reference handed to the trainer on the CPU goes through accelerate's model preparation in
+    evaluation mode: on the trainer's device, frozen, in eval mode, and not wrapped (no DDP for a frozen model)."""
+    from conftest import make_tiny_llama
+
+    from logitsam.train.trainer import PreferenceTrainer
+
+    policy, ref = make_tiny_llama(vocab_size=105), make_tiny_llama(vocab_size=105, seed=1)
+    ref.train()  # as a model comes from from_pretrained: the trainer must not rely on the caller's eval()
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=use_cpu, report_to="none")
+    trainer = PreferenceTrainer(model=policy, args=args, ref_model=ref)
+    assert trainer.ref_model is ref and ref in trainer.accelerator._models
+    assert {p.device for p in ref.parameters()} == {trainer.accelerator.device} == {_expected_device(tmp_path, use_cpu)}
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())

@@ -6,6 +6,7 @@ The only code that reads ``TrainConfig``; everything it calls takes plain argume
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -144,9 +145,21 @@ def save_final_model(trainer: PreferenceTrainer, tokenizer, out_dir: Path) -> No
     trainer.accelerator.wait_for_everyone()
 
 
+def warn_one_of_many(world_size: int) -> None:
+    """Say so when ``accelerate launch --cpu --num_processes N`` (N > 1) started this run as a single process.
+
+    accelerate 1.15 starts several CPU processes only through mpirun (``--mpirun_hostfile``); without it, it
+    starts one and only sets ``MASTER_ADDR``. ``--multi_gpu`` with ``--use_cpu true`` runs N gloo processes.
+    """
+    if world_size == 1 and "MASTER_ADDR" in os.environ and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        logger.warning("accelerate launch --cpu started one process (world size 1): several CPU processes need "
+                       "--mpirun_hostfile, or --multi_gpu --num_processes N with the training key use_cpu: true")
+
+
 def run_training(cfg: TrainConfig) -> dict:
     """Train and save; returns the final metrics and where things are."""
     args = build_training_args(cfg)
+    warn_one_of_many(args.world_size)
     out_dir = Path(args.output_dir)
     resume = resolve_resume(cfg.training_args.get("resume_from_checkpoint"), out_dir)  # before any loading
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,15 +182,22 @@ def run_training(cfg: TrainConfig) -> dict:
     needs_ref = requires_reference(cfg.loss_type)
     precompute = needs_ref and cfg.precompute_ref_log_probs
     ref_adapter_off = needs_ref and cfg.use_peft and not cfg.ref_model_name_or_path
+    collator = PreferenceCollator(tokenizer.pad_token_id)
+    # logitsam's log-probs are hidden @ W^T: refuse a soft-capped or scaled head on a few real rows, once
+    first = collator([train_ds[i] for i in range(min(2, len(train_ds)))])
+    head_weight = lm_head_of(model).weight
+    zero3 = hasattr(head_weight, "ds_tensor")  # weights partitioned at load: no forward outside the engine
     ref_model = None
     if needs_ref and not ref_adapter_off:
-        # on the device the Trainer trains on, whether it is used for the precompute or at every step
-        ref_model = load_reference(model, cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code,
-                                   device=args.device)
+        # on the device the Trainer trains on, whether it is used for the precompute or at every step. Under
+        # ZeRO-3 loaded from the policy's path (a deep copy would copy empty partitions), as TRL does
+        ref_path = cfg.ref_model_name_or_path or (cfg.model_name_or_path if zero3 else None)
+        ref_model = load_reference(model, ref_path, trust_remote_code=cfg.trust_remote_code, device=args.device)
+        if cfg.ref_model_name_or_path and not zero3:  # while unsharded: PreferenceTrainer shards it under FSDP2
+            check_linear_head(ref_model, first["input_ids"], first["attention_mask"], name=cfg.ref_model_name_or_path)
 
     # the dense head's logits are (2 x batch x length, V) for a train or eval micro-batch
     tokens = 2 * max(args.per_device_train_batch_size, args.per_device_eval_batch_size) * cfg.max_length
-    head_weight = lm_head_of(model).weight
     vocab = getattr(head_weight, "ds_shape", head_weight.shape)[0]  # ZeRO-3 partitions at load: ds_shape is real
     chunk_size = resolve_chunk_size(cfg.sam_chunk_size, tokens=tokens, vocab_size=vocab,
                                     budget_bytes=LOGITS_BUDGET_BYTES)
@@ -185,7 +205,6 @@ def run_training(cfg: TrainConfig) -> dict:
                 "budget %.2f GiB)", "dense" if chunk_size is None else f"chunked, {chunk_size} tokens per chunk",
                 cfg.sam_chunk_size, tokens, vocab, tokens * vocab * 4 / 2**30, LOGITS_BUDGET_BYTES / 2**30)
 
-    collator = PreferenceCollator(tokenizer.pad_token_id)
     trainer = PreferenceTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=RequireReference(collator) if precompute else collator, processing_class=tokenizer,
@@ -196,9 +215,6 @@ def run_training(cfg: TrainConfig) -> dict:
         ref_is_initial_policy=cfg.ref_model_name_or_path is None,
         on_nonfinite=cfg.on_nonfinite, callbacks=[MetricsJsonlCallback(out_dir), cost := CostCallback()],
     )
-    # logitsam's log-probs are hidden @ W^T: refuse a soft-capped or scaled head on a few real rows, once
-    first = collator([train_ds[i] for i in range(min(2, len(train_ds)))])
-    zero3 = hasattr(head_weight, "ds_tensor")  # weights partitioned at load: no forward outside the engine
     if zero3:
         logger.warning("DeepSpeed ZeRO-3: the numeric head check and the reference precompute need a forward "
                        "outside the engine and are not supported yet; use a reference-free loss or "
@@ -208,8 +224,6 @@ def run_training(cfg: TrainConfig) -> dict:
                               "yet (the pass would run outside the engine on empty partitions); set it to false")
     else:
         check_linear_head(trainer.model, first["input_ids"], first["attention_mask"], name=cfg.model_name_or_path)
-    if ref_model is not None and cfg.ref_model_name_or_path and not zero3:
-        check_linear_head(ref_model, first["input_ids"], first["attention_mask"], name=cfg.ref_model_name_or_path)
     if precompute:
         # after Trainer placed the policy: the pass runs where training will
         attach_reference_logps(trainer, trainer.model if ref_adapter_off else ref_model,

@@ -10,6 +10,7 @@ Checkpointing, resume, accumulation, mixed precision, ``report_to``, DDP, FSDP2 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -87,7 +88,8 @@ class PreferenceTrainer(Trainer):
         self.sam, self.sam_rho, self.sam_norm = sam, sam_rho, sam_norm
         self.sam_variant = sam_variant
         self.chunks = {"chunk_size": chunk_size, "vocab_chunk_size": vocab_chunk_size}
-        self.ref_model, self.ref_adapter_off, self.on_nonfinite = ref_model, ref_adapter_off, on_nonfinite
+        self.ref_model = None if ref_model is None else self._prepare_reference(ref_model)
+        self.ref_adapter_off, self.on_nonfinite = ref_adapter_off, on_nonfinite
         self.ref_is_initial_policy = ref_is_initial_policy
         self.needs_reference = requires_reference(loss_type)
         # our loss is a mean over pairs: let Trainer divide it by the accumulation steps
@@ -134,6 +136,34 @@ class PreferenceTrainer(Trainer):
             n_half, str(half_dtype).replace("torch.", ""))
 
     # ---- reference -------------------------------------------------------------------------
+    def _prepare_reference(self, ref):
+        """A separate reference, placed and sharded as the policy will be (TRL 1.16's preparation).
+
+        FSDP2: accelerate's own layout for the policy (decoder blocks, embedding, final norm + head, root), every
+        group resharding after forward: each rank holds a shard between forwards, and the head is gathered inside
+        the forward, as the policy's is. DeepSpeed: an inference engine (no optimizer) whose forward gathers the
+        ZeRO-3 partitions made at load. Otherwise ``prepare_model(evaluation_mode=True)``: moved to the device,
+        never wrapped in DDP (no gradients to reduce).
+        The reference forward then runs through ``head_inside_forward`` on the returned (outermost) module.
+        """
+        ref.requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            ref = deepspeed_inference_engine(ref, self.accelerator)
+        elif self.is_fsdp_enabled:
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            if self.accelerator.state.fsdp_plugin.fsdp_version != 2:
+                raise ConfigError("config key 'fsdp_config.fsdp_version' = 1: a separate reference model is sharded "
+                                  "with FSDP2 only; set fsdp_version: 2")
+            ref = fsdp2_prepare_model(self.accelerator, ref)
+            # groups kept gathered after forward (the head's, the root) wait for a backward that a frozen
+            # model never runs: reshard them after each forward, so the reference stays a shard between steps
+            ref.set_reshard_after_forward(True)
+        else:
+            ref = self.accelerator.prepare_model(ref, evaluation_mode=True)
+        ref.eval()  # (DeepSpeedEngine.eval returns None)
+        return ref
+
     @torch.no_grad()
     def _reference_logps(self, inputs, labels):
         if not self.needs_reference:
@@ -360,6 +390,32 @@ class PreferenceTrainer(Trainer):
 
     def _get_output_dir(self, trial):
         return self._checkpoint_run_dir or super()._get_output_dir(trial)
+
+
+def deepspeed_inference_engine(model, accelerator):
+    """``model`` (frozen) inside a DeepSpeed engine without optimizer, as TRL's ``prepare_deepspeed`` builds it.
+
+    ZeRO-3: the engine's forward gathers the partitions ``zero.Init`` made at load; sizes the run's config leaves
+    at "auto" get TRL's values from the hidden size d (the user's own values are kept, e.g. a persistence
+    threshold of 0). ZeRO-1/2 shard only optimizer state and gradients, which a frozen model has none of: stage 0.
+    """
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):  # training-only blocks: no optimizer to attach them to
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    if zero.get("stage", 0) != 3:
+        zero["stage"] = 0
+    else:
+        d = max(getattr(model.config, "hidden_sizes", None) or [model.config.hidden_size])
+        for key, value in (("reduce_bucket_size", d * d), ("stage3_param_persistence_threshold", 10 * d),
+                           ("stage3_prefetch_bucket_size", int(0.9 * d * d))):
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    return engine
 
 
 def _local_values(p: torch.Tensor) -> torch.Tensor:
