@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from ._atomic import write_json
+
 TRAIN_EPILOG = """\
 Every key above can be set in the YAML recipe (--config) or as --key value; the command line wins over the
 recipe, the recipe over the defaults. A true/false key may stand alone (--use_cpu) or be negated (--no_use_cpu);
@@ -221,7 +223,7 @@ def theory_real(out: Path, dataset: str, *, steps: int, rho: float) -> None:
     runs = {v.name: d for v, d in zip(variants, result["run_dirs"], strict=True)}
     summary = plot_fig1c(runs, out / "fig1c_smollm2_hh.png",
                          title=f"SmolLM2-135M-Instruct on HH-RLHF: DPO vs DPO + logits-SAM (rho={rho:g})")
-    (out / "fig1c_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "fig1c_summary.json", summary, indent=2)
     print(json.dumps(summary, indent=2))
     print(f"figure: {out / 'fig1c_smollm2_hh.png'}; report: {result['html']}")
 

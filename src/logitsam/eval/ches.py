@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .._atomic import atomic_path, write_text
 from ..core import shift_labels
 from ..data import DropReport, PreferenceCollator, build_preference_dataset, load_rows
 from ..diagnostics import ches_scores, normalized_edit_distance
@@ -64,7 +65,7 @@ def write_filtered(source: str, split: str, drop_rows: set[int], path: Path, max
     report = DropReport(str(source), on_invalid="drop")
     kept = 0
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "wt") as f:
+    with atomic_path(path) as tmp, opener(tmp, "wt") as f:
         for row, record in load_rows(source, split, max_samples=max_samples, report=report):
             if row not in drop_rows and isinstance(record, dict):
                 f.write(json.dumps(record) + "\n")
@@ -89,8 +90,7 @@ def run_ches(model_name_or_path: str, dataset_name: str, output_dir: str | Path,
         max_samples=max_samples)
     records = score_pairs(model, dataset, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
     scores_path = out / "ches_scores.jsonl"
-    with scores_path.open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    write_text(scores_path, "".join(json.dumps(r) + "\n" for r in records))
     summary = {"scores": str(scores_path), "pairs": len(records), "dropped_invalid": report.dropped}
     if filter_top_percent:
         drop = rows_to_drop(records, filter_top_percent, filter_key)

@@ -19,7 +19,7 @@ import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from .._atomic import write_json
+from .._atomic import write_json, write_text
 from ..core import HeadOutput, sequence_logps, shift_labels
 from ..core.losses import preference_loss
 from ..data import DataError, PreferenceCollator, build_preference_dataset, load_preference_examples
@@ -271,7 +271,6 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "eval_results.json", results, indent=2)
         if samples:
-            with (out / "eval_samples.jsonl").open("w") as f:
-                f.writelines(json.dumps(s) + "\n" for s in samples)
+            write_text(out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         logger.info("wrote %s", out / "eval_results.json")
     return results
