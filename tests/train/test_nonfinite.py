@@ -106,3 +106,25 @@ def test_nan_on_one_rank_skips_on_all_ranks(tiny_model_dir, tmp_path):
     logs = [r for r in records(outs["two"]) if "loss" in r]
     assert [r.get("nonfinite_skipped") for r in logs] == [None, 1.0]
     assert "rewards/margins" not in logs[1]  # the poisoned micro-batch's metrics are left out on every rank
+
+
+class _Shard(torch.nn.Parameter):
+    """A parameter whose *local* values differ from what it reports globally (as a DTensor shard does)."""
+
+    def to_local(self):
+        return self._local
+
+
+def test_checkpoint_nonfinite_check_reads_local_shards_and_partitions():
+    """The checkpoint check looks at each rank's own values: an FSDP2 shard (``to_local``) or a ZeRO-3
+    partition (``ds_tensor``), not the placeholder the parameter shows."""
+    from logitsam.train.trainer import nonfinite_parameters
+
+    model = torch.nn.Module()
+    model.a = _Shard(torch.zeros(2))
+    model.a._local = torch.tensor([float("nan")])
+    model.b = torch.nn.Parameter(torch.empty(0))
+    model.b.ds_tensor = torch.tensor([1.0, float("inf")])
+    model.c = torch.nn.Parameter(torch.ones(3))
+    accelerator = type("Acc", (), {"device": torch.device("cpu"), "num_processes": 1})()
+    assert nonfinite_parameters(model, accelerator) == ["a", "b"]
