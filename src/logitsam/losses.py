@@ -1,9 +1,13 @@
 """Public preference losses: ``from logitsam.losses import preference_loss``.
 
-A thin re-export of ``logitsam.core.losses``; see there for the formulas and papers.
+A thin re-export of ``logitsam.core.losses``; see there for the formulas and papers (each loss function's
+docstring, built from its row of ``LOSS_SPECS``) and for f-DPO (``f_divergence_scores``).
 """
 
 from logitsam.core.losses import (
+    F_DIVERGENCE_LOSSES,
+    F_DIVERGENCES,
+    LOSS_SPECS,
     LOSS_TYPES,
     REFERENCE_FREE,
     aot_loss,
@@ -11,9 +15,11 @@ from logitsam.core.losses import (
     apo_down_loss,
     apo_zero_loss,
     bco_pair_loss,
+    cdpo_loss,
     cpo_loss,
     discopop_loss,
     exo_pair_loss,
+    f_divergence_scores,
     hinge_loss,
     ipo_loss,
     nca_pair_loss,
@@ -31,6 +37,9 @@ from logitsam.core.losses import (
 )
 
 __all__ = [
+    "F_DIVERGENCES",
+    "F_DIVERGENCE_LOSSES",
+    "LOSS_SPECS",
     "LOSS_TYPES",
     "REFERENCE_FREE",
     "aot_loss",
@@ -38,9 +47,11 @@ __all__ = [
     "apo_down_loss",
     "apo_zero_loss",
     "bco_pair_loss",
+    "cdpo_loss",
     "cpo_loss",
     "discopop_loss",
     "exo_pair_loss",
+    "f_divergence_scores",
     "hinge_loss",
     "ipo_loss",
     "nca_pair_loss",

@@ -55,8 +55,9 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
-LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora")
+LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear", "use_dora": False,
+                 "use_rslora": False}
 _MARKER = "logitsam_source.json"
 
 
@@ -220,15 +221,16 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     return name  # a hub id; offline mode and the hub cache are the environment's business
 
 
-def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
-    """Load a tokenizer. One without a pad token gets pad = eos.
+def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, revision: str | None = None):
+    """Load a tokenizer (at the hub ``revision`` when given). One without a pad token gets pad = eos.
 
     Pad = eos is safe for preference training: padded positions are masked out of the loss by the
     attention mask and labels, so the pad id's value never matters. Padding side is left as saved.
     """
     path = resolve_model_path(name_or_path)
     with _loading("tokenizer", name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        extra = {} if revision is None else {"revision": revision}
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(
@@ -246,6 +248,7 @@ def load_model(
     gradient_checkpointing: bool = False,
     lora: Mapping[str, Any] | Any | None = None,
     device: str | torch.device | None = None,
+    init_kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Load a causal LM by hub id, local directory or embedded name.
 
@@ -257,6 +260,9 @@ def load_model(
             The model comes back wrapped by `peft.get_peft_model`. An adapter on the LM head is refused
             (ModelError, see `lm_head_of`).
         device: where to move the model; None leaves it where from_pretrained put it (CPU).
+        init_kwargs: more ``from_pretrained`` keyword arguments (TRL's ``model_init_kwargs``: ``revision``,
+            ``attn_implementation``, ``quantization_config`` ...); ``dtype`` and ``trust_remote_code`` given
+            here win over the arguments of the same name.
 
     Returns:
         The model (a PeftModel when `lora` is given), in eval mode as from_pretrained leaves it;
@@ -264,7 +270,8 @@ def load_model(
     """
     path = resolve_model_path(name_or_path)
     start = time.perf_counter()
-    kwargs = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code, **dict(init_kwargs or {})}
+    kwargs["dtype"] = _torch_dtype(kwargs["dtype"])
     with _loading("model", name_or_path):
         if Path(path).is_dir():  # a local directory may hold a base model saved without its head
             model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
@@ -287,8 +294,10 @@ def load_model(
             # copes, but reentrant (if a caller re-enables it) would silently drop the LoRA grads.
             model.enable_input_require_grads()
     if lora is not None:
-        from peft import get_peft_model
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
+        if getattr(model, "is_quantized", False):  # QLoRA: norms in float32, inputs that carry grad
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         model = get_peft_model(model, _lora_config(lora))
         lm_head_of(model)  # refuses an adapter on the head now, before any data is read
     return model
@@ -320,6 +329,28 @@ def _check_head_loaded(model: nn.Module, missing_keys, name_or_path) -> None:
                          "(e.g. a *ForCausalLM class, not the base *Model)")
 
 
+def quantization_config(*, bits: int, quant_type: str = "nf4", nested: bool = False, compute_dtype=torch.bfloat16):
+    """A ``BitsAndBytesConfig`` for 4- or 8-bit base weights (QLoRA: TRL's ``load_in_4bit`` and friends).
+
+    bitsandbytes quantizes on CUDA GPUs; without the package, or without a GPU, this is a ModelError that says
+    so, before any weight is read.
+    """
+    import importlib.util
+
+    key = f"load_in_{bits}bit"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"config key {key!r} = true needs the bitsandbytes package (pip install bitsandbytes) and "
+                         "a CUDA GPU")
+    if not torch.cuda.is_available():
+        raise ModelError(f"config key {key!r} = true needs a CUDA GPU: bitsandbytes' quantized layers run there")
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=nested, bnb_4bit_compute_dtype=compute_dtype)
+
+
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -348,6 +379,8 @@ def _lora_config(lora: Mapping[str, Any] | Any):
         lora_alpha=opts["alpha"],
         lora_dropout=opts["dropout"],
         target_modules=opts["target_modules"],
+        use_dora=bool(opts["use_dora"]),
+        use_rslora=bool(opts["use_rslora"]),
         task_type="CAUSAL_LM",
     )
 

@@ -37,6 +37,7 @@ from .core import IGNORE_INDEX, VARIANTS, HeadOutput, first_order_ratio, logits_
 from .core.head_chunked import DEFAULT_VOCAB_CHUNK_SIZE
 from .core.losses import LOSS_TYPES, preference_loss
 from .core.sam import NORMS
+from .core.weighting import ld_logps, wpo_weights
 from .models import check_linear_head
 from .train._inside import head_inside_forward
 from .train.trainer import RATIO_BAND, ratio_is_measurable
@@ -56,8 +57,6 @@ TRL_LOSS_KEYS: dict[str, tuple[str, ...]] = {
     "sft": (), "sigmoid_norm": (),
 }
 
-# DPOConfig features whose TRL code path is not reproduced here: (key, the value that means "off").
-UNSUPPORTED = (("f_divergence_type", "reverse_kl"), ("use_weighting", False), ("ld_alpha", None))
 
 
 @dataclass
@@ -123,6 +122,8 @@ def preference_loss_kwargs(args: DPOConfig) -> dict:
             raise ValueError(f"DPOConfig key {key!r} = {value!r} is read by {names} here, but TRL 1.16 ignores it for "
                              f"{misread}; train these losses in separate runs or set {key} to 0")
         kwargs[key] = value
+    if args.f_divergence_type != "reverse_kl":  # f-DPO: preference_loss refuses the losses TRL refuses it for
+        kwargs.update(f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef)
     return kwargs
 
 
@@ -135,9 +136,11 @@ class LogitsSAMDPOTrainer(DPOTrainer):
     ``sam/loss_post`` (the loss that is backpropagated and logged as ``loss``), ``sam/grad_norm``,
     ``sam/first_order`` (``<g, eps>``) and ``sam/first_order_ratio``.
 
-    Not supported (ValueError at construction): ``f_divergence_type`` other than reverse_kl,
-    ``use_weighting`` (WPO), ``ld_alpha`` (LD-DPO), an MoE router aux loss, vision datasets, models whose
-    logits are not ``hidden @ W^T`` (soft-cap, logit scale).
+    TRL's loss options all apply, in both logits-SAM passes: ``f_divergence_type`` (in ``preference_loss``),
+    ``ld_alpha`` (LD-DPO sums of the policy's token log-probs; TRL's reference pass applies it to the
+    reference), ``use_weighting`` (WPO weights from the clean pass, reused by the perturbed one) and an MoE
+    model's router aux loss. Not supported (ValueError at construction): vision datasets, models whose logits
+    are not ``hidden @ W^T`` (soft-cap, logit scale).
     """
 
     def __init__(self, model, ref_model=None, args: LogitsSAMConfig | None = None, *pargs, **kwargs):
@@ -147,17 +150,10 @@ class LogitsSAMDPOTrainer(DPOTrainer):
         if not isinstance(args, LogitsSAMConfig):
             raise TypeError(f"LogitsSAMDPOTrainer needs args=LogitsSAMConfig(...) (a DPOConfig with the sam_* keys), "
                             f"got {type(args).__name__}")
-        for key, off in UNSUPPORTED:
-            if getattr(args, key) != off:
-                raise ValueError(f"DPOConfig key {key!r} = {getattr(args, key)!r} is not supported by "
-                                 f"LogitsSAMDPOTrainer; use {key}={off!r} or TRL's DPOTrainer")
         self._loss_kwargs = preference_loss_kwargs(args)
         super().__init__(model, ref_model, args, *pargs, **kwargs)
         if self._is_vision_dataset:
             raise ValueError("LogitsSAMDPOTrainer supports text datasets only (this one has images)")
-        if self.aux_loss_enabled:
-            raise ValueError(f"DPOConfig key 'router_aux_loss_coef' = {self.router_aux_loss_coef}: the MoE router "
-                             "aux loss is not supported by LogitsSAMDPOTrainer; set router_aux_loss_coef=0.0")
         self._ratio_warned = False
         self._check_head()
 
@@ -179,13 +175,23 @@ class LogitsSAMDPOTrainer(DPOTrainer):
         ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
         return ref_chosen.detach(), ref_rejected.detach()
 
-    def _loss_fn(self, ref_chosen, ref_rejected):
+    def _logps(self, out: HeadOutput, labels) -> torch.Tensor:
+        """(2B,) the sequence log-probs TRL's loss reads: plain sums, or LD-DPO's with ``ld_alpha``."""
+        return out.logps if self.ld_alpha is None else ld_logps(out.token_logps, labels, self.ld_alpha)
+
+    def _loss_fn(self, ref_chosen, ref_rejected, labels, kept: dict):
         def loss_fn(out: HeadOutput) -> torch.Tensor:
+            logps = self._logps(out, labels)
+            n = logps.shape[0] // 2
             losses, _, _ = preference_loss(
-                policy_chosen_logps=out.chosen_logps, policy_rejected_logps=out.rejected_logps,
+                policy_chosen_logps=logps[:n], policy_rejected_logps=logps[n:],
                 ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
                 chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths, **self._loss_kwargs,
             )
+            if self.use_weighting:  # WPO: the clean pass's weights, reused by the perturbed pass
+                if "wpo" not in kept:
+                    kept["wpo"] = wpo_weights(out)
+                losses = losses * kept["wpo"].to(losses.dtype)
             return losses.mean()  # TRL: sum_k w_k mean(loss_k) == mean(sum_k w_k loss_k)
 
         return loss_fn
@@ -196,7 +202,7 @@ class LogitsSAMDPOTrainer(DPOTrainer):
         # (2B, T): the token each position predicts, -100 outside the completions (TRL's completion_mask)
         labels = shift_labels(inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX))
         ref_chosen, ref_rejected = self._ref_logps(inputs)
-        loss_fn = self._loss_fn(ref_chosen, ref_rejected)
+        loss_fn = self._loss_fn(ref_chosen, ref_rejected, labels, {})
         chunks = {"chunk_size": args.sam_chunk_size, "vocab_chunk_size": args.sam_vocab_chunk_size}
         sam = args.sam_rho > 0 and model.training
         side = {}  # the clean pass's detached HeadOutput and the SAM statistics, out of the forward
@@ -211,8 +217,12 @@ class LogitsSAMDPOTrainer(DPOTrainer):
             side["out"] = out.detach()
             return loss_fn(out)
 
-        loss = head_inside_forward(model, inputs["input_ids"], inputs["attention_mask"], head_pass)
-        self._log_trl_metrics(mode, side["out"], ref_chosen, ref_rejected, inputs)
+        aux = {} if self.aux_loss_enabled else None
+        loss = head_inside_forward(model, inputs["input_ids"], inputs["attention_mask"], head_pass, aux=aux)
+        if aux:  # TRL: loss + router_aux_loss_coef * the model's load-balancing loss
+            loss = loss + self.router_aux_loss_coef * aux["aux_loss"]
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux["aux_loss"]).mean().item())
+        self._log_trl_metrics(mode, side["out"], ref_chosen, ref_rejected, inputs, self._logps(side["out"], labels))
         if sam:
             self._log_sam_metrics(mode, side["sam"])
         if return_outputs:  # TRL's deprecated path: the logits come from an extra forward
@@ -225,7 +235,7 @@ class LogitsSAMDPOTrainer(DPOTrainer):
         return loss
 
     # ---- metrics: TRL 1.16's names, computed as its `_compute_loss` computes them --------------------
-    def _log_trl_metrics(self, mode, out: HeadOutput, ref_chosen, ref_rejected, inputs):
+    def _log_trl_metrics(self, mode, out: HeadOutput, ref_chosen, ref_rejected, inputs, logps):
         gather, gather_m, store = self.accelerator.gather, self.accelerator.gather_for_metrics, self._metrics[mode]
 
         def token_mean(total, tokens):  # a per-token mean over all ranks, 0 without tokens
@@ -242,14 +252,15 @@ class LogitsSAMDPOTrainer(DPOTrainer):
         store["logits/rejected"].append(token_mean(out.logits_sum[n:].sum() / out.vocab_size,
                                                    out.rejected_lengths.sum()))
         store["mean_token_accuracy"].append(token_mean(out.top1[:n].sum(), out.chosen_lengths.sum()))
-        chosen_rewards = self.beta * (out.chosen_logps - ref_chosen)  # (B,)
-        rejected_rewards = self.beta * (out.rejected_logps - ref_rejected)
+        chosen_logps, rejected_logps = logps[:n], logps[n:]  # LD-DPO's sums when ld_alpha is set, as in TRL
+        chosen_rewards = self.beta * (chosen_logps - ref_chosen)  # (B,)
+        rejected_rewards = self.beta * (rejected_logps - ref_rejected)
         store["rewards/chosen"].append(gather(chosen_rewards).mean().item())
         store["rewards/rejected"].append(gather(rejected_rewards).mean().item())
         store["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
         store["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
-        store["logps/chosen"].append(gather(out.chosen_logps).mean().item())
-        store["logps/rejected"].append(gather(out.rejected_logps).mean().item())
+        store["logps/chosen"].append(gather(chosen_logps).mean().item())
+        store["logps/rejected"].append(gather(rejected_logps).mean().item())
 
     def _log_sam_metrics(self, mode, stats: dict):
         stats = dict(stats, first_order_ratio=first_order_ratio(stats["loss_pre"], stats["loss_post"],

@@ -536,6 +536,23 @@ def test_lengths_are_clamped_at_one_and_cast():
     assert f32[0].dtype == torch.float32
 
 
+def test_table_makes_the_public_functions():
+    """Each row of LOSS_SPECS is a public function with a real signature and a docstring built from the row."""
+    for name, spec in L.LOSS_SPECS.items():
+        fn = LOSS_TYPES[name]
+        assert fn is getattr(L, f"{name}_loss") is getattr(public, f"{name}_loss") and fn.__name__ == f"{name}_loss"
+        params = inspect.signature(fn).parameters
+        assert ("ref_chosen_logps" in params) == spec.ref == (name not in REFERENCE_FREE)
+        assert [p for p in params if p.endswith("_lengths")] == ["chosen_lengths", "rejected_lengths"][: spec.lengths]
+        assert {k: params[k].default for k in spec.params} == spec.params and params["beta"].default == 0.1
+        assert all(line.strip() in fn.__doc__ for line in spec.math.splitlines()) and spec.cite in fn.__doc__
+    assert torch.isfinite(L.orpo_loss(t(PC), t(PR), torch.tensor(LC), torch.tensor(LR), beta=0.3)[0]).all()
+    with pytest.raises(TypeError, match=r"sigmoid_loss\(\): .*label_smoothing"):
+        L.sigmoid_loss(t(PC), t(PR), t(RC), t(RR), label_smoothing=0.1)
+    with pytest.raises(TypeError, match=r"hinge_loss\(\): too many positional"):
+        L.hinge_loss(t(PC), t(PR), t(RC), t(RR), 0.5)  # beta is keyword-only
+
+
 def test_public_module_reexports_core():
     assert public.preference_loss is preference_loss
     assert public.LOSS_TYPES is LOSS_TYPES

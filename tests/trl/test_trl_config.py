@@ -55,9 +55,16 @@ def trainer(tmp_path, args):
 
 @pytest.mark.parametrize(("key", "value"), [("f_divergence_type", "js_divergence"), ("use_weighting", True),
                                             ("ld_alpha", 0.5)])
-def test_unsupported_dpo_features_are_refused(tmp_path, key, value):
-    with pytest.raises(ValueError, match=rf"'{key}' = {value!r} is not supported by LogitsSAMDPOTrainer"):
-        trainer(tmp_path, cfg(tmp_path, **{key: value}))
+def test_trl_loss_options_are_accepted(tmp_path, key, value):
+    t = trainer(tmp_path, cfg(tmp_path, **{key: value}))
+    assert getattr(t.args, key) == value
+    if key == "f_divergence_type":
+        assert t._loss_kwargs["f_divergence_type"] == value
+
+
+def test_f_divergence_with_a_loss_trl_refuses_it_for(tmp_path):
+    with pytest.raises(ValueError, match="f_divergence_type"):
+        trainer(tmp_path, cfg(tmp_path, f_divergence_type="forward_kl", loss_type="bco_pair"))
 
 
 def test_plain_dpo_config_is_refused(tmp_path):

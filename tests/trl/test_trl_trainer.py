@@ -78,6 +78,16 @@ CASES = {
     "robust-ls": {"loss_type": "robust", "label_smoothing": 0.2},
     "exo_pair": {"loss_type": "exo_pair", "label_smoothing": 1e-3},
     "discopop": {"loss_type": "discopop", "discopop_tau": 0.3},
+    # TRL's loss options (issue: the missing DPOConfig features), each against TRL's own code path
+    "forward_kl": {"loss_type": "sigmoid", "f_divergence_type": "forward_kl"},
+    "js-ipo": {"loss_type": "ipo", "f_divergence_type": "js_divergence"},
+    "alpha-hinge": {"loss_type": "hinge", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+    "wpo": {"loss_type": "sigmoid", "use_weighting": True},
+    # (not with sft: TRL 1.16 multiplies its expanded scalar in place and raises; ours runs)
+    "wpo-weighted": {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0, 0.5], "use_weighting": True},
+    "ld": {"loss_type": "sigmoid", "ld_alpha": 0.3},
+    "ld-wpo-js": {"loss_type": "sigmoid_norm", "ld_alpha": 0.5, "use_weighting": True,
+                  "f_divergence_type": "js_divergence"},
 }
 
 
@@ -147,16 +157,21 @@ def grads_of(trainer, model, inputs):
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}, sam
 
 
-@pytest.mark.parametrize(("tie", "chunk", "variant", "loss_type"), [
-    (False, None, "plain", "sigmoid"), (True, None, "plain", "sigmoid"), (False, 7, "plain", "ipo"),
-    (True, 5, "asam", ["sigmoid", "sft"]),
+FEATURES = {"ld_alpha": 0.4, "use_weighting": True, "f_divergence_type": "js_divergence"}
+
+
+@pytest.mark.parametrize(("tie", "chunk", "variant", "loss_type", "features"), [
+    (False, None, "plain", "sigmoid", {}), (True, None, "plain", "sigmoid", {}), (False, 7, "plain", "ipo", {}),
+    (True, 5, "asam", ["sigmoid", "sft"], {}), (False, None, "plain", "sigmoid", FEATURES),
+    (True, 5, "plain", "ipo", FEATURES),
 ])
-def test_logits_sam_equals_preference_trainer(tmp_path, tie, chunk, variant, loss_type):
-    """The perturbed loss, the SAM statistics and every gradient equal PreferenceTrainer's on TRL's tokens."""
+def test_logits_sam_equals_preference_trainer(tmp_path, tie, chunk, variant, loss_type, features):
+    """The perturbed loss, the SAM statistics and every gradient equal PreferenceTrainer's on TRL's tokens
+    (with TRL's loss options too: LD-DPO, WPO and an f-divergence in both passes)."""
     tok, model, ref = models(tie=tie)
     rho = 0.05
     args = LogitsSAMConfig(**settings(tmp_path / "ours", sam_rho=rho, sam_chunk_size=chunk, sam_vocab_chunk_size=37,
-                                      sam_variant=variant, loss_type=loss_type))
+                                      sam_variant=variant, loss_type=loss_type, **features))
     ours = LogitsSAMDPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(ref), args=args,
                                train_dataset=pairs(), processing_class=tok)
     batch = ours.data_collator([ours.train_dataset[i] for i in range(4)])
@@ -164,7 +179,10 @@ def test_logits_sam_equals_preference_trainer(tmp_path, tie, chunk, variant, los
 
     theirs = PreferenceTrainer(model=copy.deepcopy(model), args=TrainingArguments(str(tmp_path / "pt"), use_cpu=True,
                                report_to="none"), loss_type=loss_type, beta=0.5, sam="logits", sam_rho=rho,
-                               sam_variant=variant, ref_model=copy.deepcopy(ref).eval())
+                               sam_variant=variant, ref_model=copy.deepcopy(ref).eval(),
+                               chunk_size=chunk, vocab_chunk_size=37, ld_alpha=features.get("ld_alpha"),
+                               use_weighting=features.get("use_weighting", False),
+                               loss_params={k: v for k, v in features.items() if k.startswith("f_")})
     loss_b, grads_b, sam_b = grads_of(theirs, theirs.model, as_logitsam_batch(batch))
 
     assert sam_a["loss_post"] - sam_a["loss_pre"] > 1e-3  # the perturbation acts

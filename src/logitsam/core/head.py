@@ -70,7 +70,7 @@ def split_delta(delta: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
     return SplitDelta(unit, scale)
 
 # Columns of the per-token statistics tensor, in order (all computed on completion tokens only).
-STAT_NAMES = ("entropy", "argmax_prob", "top1", "sum_p2", "logits_sum", "argmax_logp")
+STAT_NAMES = ("entropy", "argmax_prob", "top1", "sum_p2", "logits_sum", "argmax_logp", "log_sum_p2")
 
 
 @dataclass
@@ -83,10 +83,10 @@ class HeadOutput:
         token_logps (R, T): ``log p(labels[r, t])``, 0 at ignored positions. Differentiable.
         logps (R,): per-row sum of ``token_logps`` over completion tokens. Differentiable.
         lengths (R,): completion token counts (int64).
-        entropy, argmax_prob, top1, sum_p2, logits_sum, argmax_logp (R,): per-row *sums* over completion
-            tokens of the token entropy ``-sum_v p_v log p_v``, the probability of the argmax token
-            ``p(y*)``, ``1[argmax == label]``, ``sum_v p_v^2``, ``sum_v z_v`` (raw logits) and
-            ``log p(y*)``. float32, detached;
+        entropy, argmax_prob, top1, sum_p2, logits_sum, argmax_logp, log_sum_p2 (R,): per-row *sums* over
+            completion tokens of the token entropy ``-sum_v p_v log p_v``, the probability of the argmax
+            token ``p(y*)``, ``1[argmax == label]``, ``sum_v p_v^2``, ``sum_v z_v`` (raw logits),
+            ``log p(y*)`` and ``log sum_v p_v^2`` (WPO's per-token normaliser). float32, detached;
             ``None`` when the pass ran with ``with_stats=False``.
         vocab_size: V.
     """
@@ -101,6 +101,7 @@ class HeadOutput:
     sum_p2: torch.Tensor | None = None
     logits_sum: torch.Tensor | None = None
     argmax_logp: torch.Tensor | None = None
+    log_sum_p2: torch.Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -179,12 +180,13 @@ def assemble(
 
 @torch.no_grad()
 def token_stats(logits: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Dense per-token statistics ``(n, 6)`` in STAT_NAMES order from fp32 logits and log-softmax."""
+    """Dense per-token statistics ``(n, 7)`` in STAT_NAMES order from fp32 logits and log-softmax."""
     p = logp.exp()
     entropy = -(p * logp).sum(-1)
     logp_max, argmax = logp.max(-1)
     top1 = (argmax == targets).to(p.dtype)
-    return torch.stack([entropy, logp_max.exp(), top1, (p * p).sum(-1), logits.sum(-1), logp_max], dim=1)
+    log_sum_p2 = torch.logsumexp(2 * logp, dim=-1)  # log sum_v p_v^2 without underflow
+    return torch.stack([entropy, logp_max.exp(), top1, (p * p).sum(-1), logits.sum(-1), logp_max, log_sum_p2], dim=1)
 
 
 def dense_head_logps(

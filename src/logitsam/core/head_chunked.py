@@ -71,13 +71,13 @@ def _label_hits(targets, v0, v1):
 
 @torch.no_grad()
 def _forward(h, weight, delta, bias, targets, chunk_size, vocab_chunk_size, with_stats, cdt):
-    """Returns lse (n,), label logit (n,) and stats (n, 6) or None, in the accumulation dtype.
+    """Returns lse (n,), label logit (n,) and stats (n, 7) or None, in the accumulation dtype.
 
     Online log-sum-exp with a running max m and s = sum_v exp(z_v - m). Each block is shifted in place
     and exponentiated once; the log-probs are computed the same way with or without statistics, so the
     two modes agree bit for bit. Statistics ride along, rescaled like s:
         t = sum_v exp(z_v - m) z_v,  q = sum_v exp(2 (z_v - m)),
-        entropy = lse - t / s,  sum_v p_v^2 = q / s^2,  log p(y*) = -log s.
+        entropy = lse - t / s,  sum_v p_v^2 = q / s^2,  log p(y*) = -log s,  log sum_v p_v^2 = log q - 2 log s.
     """
     n, V, acc = h.shape[0], weight.shape[0], acc_dtype(cdt)
     lse = h.new_empty(n, dtype=acc)
@@ -112,7 +112,9 @@ def _forward(h, weight, delta, bias, targets, chunk_size, vocab_chunk_size, with
         label_logit[i0:i1] = y_logit
         if with_stats:
             top1 = (amax == y_c).to(acc)
-            stats[i0:i1] = torch.stack([lse[i0:i1] - t / s, 1.0 / s, top1, q / (s * s), zsum, -s.log()], dim=1)
+            log_s = s.log()
+            stats[i0:i1] = torch.stack([lse[i0:i1] - t / s, 1.0 / s, top1, q / (s * s), zsum, -log_s,
+                                        q.log() - 2 * log_s], dim=1)
     return lse, label_logit, stats
 
 
@@ -174,7 +176,7 @@ def head_backward(h, weight, delta, bias, targets, lse, grad_lp, chunk_size, voc
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """token log-probs (n,) and detached stats (n, 6) from (h, weight [+ delta], bias, targets).
+    """token log-probs (n,) and detached stats (n, 7) from (h, weight [+ delta], bias, targets).
 
     ``delta`` (None, a constant tensor or a ``SplitDelta``) and ``opts = (chunk_size,
     vocab_chunk_size, with_stats, compute dtype)`` are constants. Autocast is off inside forward and

@@ -1,6 +1,6 @@
-"""Preference losses on per-sequence log-probs: one small pure function per loss, and a name table.
+"""Preference losses on per-sequence log-probs: a table of small formulas, one row per loss, and a dispatcher.
 
-Every function takes log-probs summed over the completion tokens, one value per pair:
+Every loss takes log-probs summed over the completion tokens, one value per pair:
 
     policy_chosen_logps, policy_rejected_logps (B,)   log pi_theta(y_w | x), log pi_theta(y_l | x)
     ref_chosen_logps, ref_rejected_logps       (B,)   the same under the frozen reference model
@@ -12,8 +12,14 @@ and returns ``(losses, chosen_rewards, rejected_rewards)``, each (B,). The calle
 
 Below, ``h_w = log pi(y_w) - log ref(y_w)`` and ``h_l`` likewise are the log-ratios, and
 ``delta = h_w - h_l`` is the DPO margin. Names and defaults follow TRL 1.x ``DPOConfig``
-(``beta``, ``label_smoothing``, ``discopop_tau``, ``loss_type``, ``loss_weights``) and TRL's
-``CPOConfig`` (``cpo_alpha``, ``simpo_gamma``). ``preference_loss`` dispatches on ``loss_type``.
+(``beta``, ``label_smoothing``, ``discopop_tau``, ``loss_type``, ``loss_weights``, ``f_divergence_type``,
+``f_alpha_divergence_coef``) and TRL's ``CPOConfig`` (``cpo_alpha``, ``simpo_gamma``).
+
+Each loss is one row of ``LOSS_SPECS``, written as ``@_loss(title, formula, citation, ...)`` over a formula
+of a ``Pair`` (the shared context) and the loss's own keyword parameters. The decorator makes the row's
+public function (e.g. ``sigmoid_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+ref_rejected_logps, *, beta=0.1)``, with a real ``__signature__`` and a docstring built from the row) and
+enters it in ``LOSS_TYPES``. ``preference_loss`` dispatches on ``loss_type``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +37,47 @@ from torch import Tensor
 
 Losses = tuple[Tensor, Tensor, Tensor]
 
-_LENGTH_ARGS = ("chosen_lengths", "rejected_lengths")
+_TENSOR_ARGS = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+                "chosen_lengths", "rejected_lengths")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # TRL 1.16's f_divergence_type
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """What a formula reads, each (B,). ``rc, rr, h_*, s_*`` are None for reference-free losses, ``len_*`` for
+    losses that do not take the lengths."""
+
+    pc: Tensor  # policy log-probs, chosen and rejected
+    pr: Tensor
+    rc: Tensor | None  # reference log-probs
+    rr: Tensor | None
+    h_w: Tensor | None  # log-ratios pc - rc, pr - rr
+    h_l: Tensor | None
+    s_w: Tensor | None  # f-divergence scores of h_w, h_l: h_w, h_l themselves under reverse_kl (the default)
+    s_l: Tensor | None
+    len_w: Tensor | None  # token counts clamped at 1, in the log-probs' dtype
+    len_l: Tensor | None
+    beta: float
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One row of the table: a formula and what it needs."""
+
+    name: str
+    formula: Callable[..., Tensor | Losses]  # (Pair, **params) -> losses, or (losses, chosen_r, rejected_r)
+    ref: bool  # needs the reference log-probs (the rewards are then beta * h)
+    lengths: int  # 0, 1 (chosen_lengths) or 2 (both)
+    params: dict[str, float]  # own keyword parameters and their defaults (the formula's)
+    f_div: bool  # reads the f-divergence scores s_w, s_l (F_DIVERGENCE_LOSSES)
+    title: str
+    math: str
+    cite: str
+    note: str = ""
+
+
+LOSS_SPECS: dict[str, LossSpec] = {}
+LOSS_TYPES: dict[str, Callable[..., Losses]] = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,691 +121,321 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > cut, near_zero, far)
 
 
+def f_divergence_scores(h: Tensor, f_divergence_type: str, f_alpha_divergence_coef: float = 0.5) -> Tensor:
+    """f-DPO's score s = f'(u) (up to a constant) of the log-ratio h = log u = log pi - log ref, as TRL 1.16.
+
+        reverse_kl        s = h                                  (DPO)
+        forward_kl        s = 1 - exp(-h)
+        js_divergence     s = log 2 + log sigma(h)
+        alpha_divergence  s = (exp((a - 1) h) - 1) / (a - 1),    a = f_alpha_divergence_coef; s = h if |a - 1| < 1e-6
+
+    The losses in ``F_DIVERGENCE_LOSSES`` read s_w - s_l where DPO reads delta = h_w - h_l. Alpha: as TRL,
+    (a - 1) h is clamped at 80 (11 in float16) and exponentiated in float32, then cast back; float64 (which
+    TRL's table lacks) stays float64, clamped at 80 too.
+
+    Wang et al., "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence
+    Constraints", ICLR 2024 (arXiv:2309.16240).
+    """
+    if f_divergence_type == "reverse_kl":
+        return h
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-h)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(h)
+    if f_divergence_type == "alpha_divergence":
+        a = f_alpha_divergence_coef
+        if abs(a - 1.0) < 1e-6:  # the limit f'(u) -> log u: reverse KL
+            return h
+        t = (a - 1.0) * h
+        wide = t if t.dtype == torch.float64 else t.float()
+        return (torch.exp(torch.clamp(wide, max=11.0 if t.dtype == torch.float16 else 80.0)) - 1.0).to(t.dtype) * (
+            1.0 / (a - 1.0)
+        )
+    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; allowed: {list(F_DIVERGENCES)}")
+
+
+def _compute(spec: LossSpec, t: Mapping[str, Tensor | None], beta: float, params: Mapping[str, object],
+             f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> Losses:
+    """Check and build the ``Pair`` for ``spec`` from the named tensors ``t``, run the formula, detach rewards."""
+    name, pc, pr = spec.name, t["policy_chosen_logps"], t["policy_rejected_logps"]
+    rc = rr = h_w = h_l = len_w = len_l = None
+    if spec.ref:
+        rc, rr = t.get("ref_chosen_logps"), t.get("ref_rejected_logps")
+        h_w, h_l = _log_ratios(name, pc, pr, rc, rr)
+    if spec.lengths >= 1:
+        len_w = _lengths(name, t.get("chosen_lengths"), "chosen_lengths", pc)
+    if spec.lengths == 2:
+        len_l = _lengths(name, t.get("rejected_lengths"), "rejected_lengths", pc)
+    s_w, s_l = h_w, h_l
+    if spec.f_div and f_divergence_type != "reverse_kl":
+        s_w, s_l = (f_divergence_scores(h, f_divergence_type, f_alpha_divergence_coef) for h in (h_w, h_l))
+    out = spec.formula(Pair(pc, pr, rc, rr, h_w, h_l, s_w, s_l, len_w, len_l, beta), **params)
+    if not isinstance(out, tuple):  # default rewards: beta * h, or beta * logp without a reference
+        out = (out, beta * (h_w if spec.ref else pc), beta * (h_l if spec.ref else pr))
+    losses, chosen_rewards, rejected_rewards = out
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def _loss(title: str, formula: str, cite: str, *, ref: bool = True, lengths: int = 0, f_div: bool = False,
+          note: str = "") -> Callable[[Callable[..., Tensor | Losses]], Callable[..., Losses]]:
+    """Enter the decorated formula ``<name>_loss(c: Pair, *, own params)`` in the table as loss ``<name>``, and
+    return its public function ``<name>_loss(policy_chosen_logps, ..., *, beta=0.1, own params)``."""
+
+    def register(fn: Callable[..., Tensor | Losses]) -> Callable[..., Losses]:
+        P = inspect.Parameter
+        own = {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind is P.KEYWORD_ONLY}
+        spec = LossSpec(fn.__name__.removesuffix("_loss"), fn, ref, lengths, own, f_div, title, formula, cite, note)
+        tensors = _TENSOR_ARGS[:2] + (_TENSOR_ARGS[2:4] if ref else ()) + _TENSOR_ARGS[4 : 4 + lengths]
+        sig = inspect.Signature(
+            [P(a, P.POSITIONAL_OR_KEYWORD, annotation="Tensor") for a in tensors]
+            + [P(k, P.KEYWORD_ONLY, default=v, annotation="float") for k, v in {"beta": 0.1, **own}.items()],
+            return_annotation="Losses",
+        )
+
+        def loss(*args: object, **kwargs: object) -> Losses:
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as err:
+                raise TypeError(f"{fn.__name__}(): {err}") from None
+            bound.apply_defaults()
+            return _compute(spec, bound.arguments, bound.arguments["beta"], {k: bound.arguments[k] for k in own})
+
+        keys = "".join(f", {k}={v!r}" for k, v in own.items())
+        fdiv = ("\n\nWith ``preference_loss(..., f_divergence_type=...)`` it reads the f-divergence scores s_w, s_l\n"
+                "(``f_divergence_scores``) in place of h_w, h_l; the rewards stay beta * h." if f_div else "")
+        loss.__doc__ = (f"{title}\n\n{textwrap.indent(formula, '    ')}\n\n" + (f"{note}\n\n" if note else "")
+                        + f"Args: {', '.join(tensors)}, each (B,);\n    keywords beta=0.1{keys}.\nReturns: losses, "
+                        f"chosen_rewards, rejected_rewards, each (B,).{fdiv}\n\n{cite}\n")
+        loss.__name__ = loss.__qualname__ = fn.__name__
+        loss.__signature__ = sig
+        LOSS_SPECS[spec.name], LOSS_TYPES[spec.name] = spec, loss
+        return loss
+
+    return register
+
+
 # ---------------------------------------------------------------------------------------------
-# TRL DPOTrainer losses (reference-based unless noted)
+# TRL DPOTrainer losses (reference-based unless noted), in TRL's order
 
 
-def sigmoid_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-) -> Losses:
-    """DPO's logistic loss on the log-ratio margin (TRL 1.x's ``"sigmoid"``).
-
-        loss = -log sigma(beta delta)
-
-    TRL 1.x's ``"sigmoid"`` reads no ``label_smoothing``; the label-smoothed form (cDPO) is ``cdpo_loss``.
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps (B,): summed policy log-probs.
-        ref_chosen_logps, ref_rejected_logps (B,): summed reference log-probs.
-        beta: inverse temperature.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Rafailov et al., "Direct Preference Optimization", NeurIPS 2023 (arXiv:2305.18290), Eq. 7.
-    """
-    h_w, h_l = _log_ratios("sigmoid", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    losses = -F.logsigmoid(beta * (h_w - h_l))
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+@_loss("DPO's logistic loss on the log-ratio margin (TRL 1.x's ``\"sigmoid\"``).",
+       "loss = -log sigma(beta delta)",
+       'Rafailov et al., "Direct Preference Optimization", NeurIPS 2023 (arXiv:2305.18290), Eq. 7.', f_div=True,
+       note="TRL 1.x's ``\"sigmoid\"`` reads no ``label_smoothing``; the label-smoothed form (cDPO) is ``cdpo_loss``.")
+def sigmoid_loss(c: Pair) -> Tensor:
+    return -F.logsigmoid(c.beta * (c.s_w - c.s_l))
 
 
-def hinge_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-) -> Losses:
-    """Hinge loss on the log-ratio margin (TRL's ``"hinge"``).
-
-        loss = max(0, 1 - beta delta)
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        beta: 1 / margin.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Zhao et al., "SLiC-HF", arXiv:2305.10425, Eq. 1 with the reference log-ratio in place of the raw
-    log-likelihood (TRL's variant; the paper's own form is ``slic_loss``).
-    """
-    h_w, h_l = _log_ratios("hinge", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    delta = h_w - h_l
-    losses = torch.relu(1 - beta * delta)
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+@_loss("Hinge loss on the log-ratio margin (TRL's ``\"hinge\"``); beta is 1 / margin.",
+       "loss = max(0, 1 - beta delta)",
+       'Zhao et al., "SLiC-HF", arXiv:2305.10425, Eq. 1 with the reference log-ratio in place of the raw\n'
+       "log-likelihood (TRL's variant; the paper's own form is ``slic_loss``).", f_div=True)
+def hinge_loss(c: Pair) -> Tensor:
+    return torch.relu(1 - c.beta * (c.s_w - c.s_l))
 
 
-def ipo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    chosen_lengths: Tensor,
-    rejected_lengths: Tensor,
-    *,
-    beta: float = 0.1,
-) -> Losses:
-    """IPO's squared loss on the per-token log-ratio margin.
-
-        loss = (h_w / |y_w| - h_l / |y_l| - 1 / (2 beta))^2
-
-    The per-token normalisation is TRL 1.x's (agreed with the IPO authors); beta is the paper's tau.
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        chosen_lengths, rejected_lengths (B,): completion token counts.
-        beta: the regulariser tau.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Azar et al., "A General Theoretical Paradigm to Understand Learning from Human Preferences",
-    AISTATS 2024 (arXiv:2310.12036), Eq. 17.
-    """
-    h_w, h_l = _log_ratios("ipo", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    len_w = _lengths("ipo", chosen_lengths, "chosen_lengths", policy_chosen_logps)
-    len_l = _lengths("ipo", rejected_lengths, "rejected_lengths", policy_chosen_logps)
-    delta = h_w / len_w - h_l / len_l
-    losses = (delta - 1 / (2 * beta)) ** 2
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+@_loss("IPO's squared loss on the per-token log-ratio margin.",
+       "loss = (h_w / |y_w| - h_l / |y_l| - 1 / (2 beta))^2",
+       'Azar et al., "A General Theoretical Paradigm to Understand Learning from Human Preferences",\n'
+       "AISTATS 2024 (arXiv:2310.12036), Eq. 17.", lengths=2, f_div=True,
+       note="The per-token normalisation is TRL 1.x's (agreed with the IPO authors); beta is the paper's tau.")
+def ipo_loss(c: Pair) -> Tensor:
+    return (c.s_w / c.len_w - c.s_l / c.len_l - 1 / (2 * c.beta)) ** 2
 
 
-def exo_pair_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> Losses:
-    """Pairwise EXO: the reverse KL from the model's pair distribution to the smoothed labels.
-
-        q_w = sigma(beta delta), q_l = sigma(-beta delta), eps = label_smoothing
-        loss = q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps)
-
-    eps must lie in (0, 1), and there is no usable default: TRL's is 0.0, which it refuses to start with
-    for this loss, and so does this function (the paper recommends 1e-3).
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        beta: inverse temperature. label_smoothing: eps.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Ji et al., "Towards Efficient Exact Optimization of Language Model Alignment", ICML 2024
-    (arXiv:2402.00856), Eq. 16 with K = 2.
-    """
-    h_w, h_l = _log_ratios("exo_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+@_loss("Pairwise EXO: the reverse KL from the model's pair distribution to the smoothed labels.",
+       "q_w = sigma(beta delta), q_l = sigma(-beta delta), eps = label_smoothing\n"
+       "loss = q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps)",
+       'Ji et al., "Towards Efficient Exact Optimization of Language Model Alignment", ICML 2024\n'
+       "(arXiv:2402.00856), Eq. 16 with K = 2.", f_div=True,
+       note="eps must lie in (0, 1), and there is no usable default: TRL's is 0.0, which it refuses to start with\n"
+       "for this loss, and so does this function (the paper recommends 1e-3).")
+def exo_pair_loss(c: Pair, *, label_smoothing: float = 0.0) -> Tensor:
     if not 0.0 < label_smoothing < 1.0:
         raise ValueError(
             f"loss_type='exo_pair' needs 0 < label_smoothing < 1 (the paper suggests 1e-3), got {label_smoothing}"
         )
-    delta = h_w - h_l
-    z = beta * delta
-    log_qw, log_ql = F.logsigmoid(z), F.logsigmoid(-z)
-    losses = torch.sigmoid(z) * (log_qw - math.log1p(-label_smoothing)) + torch.sigmoid(-z) * (
+    z = c.beta * (c.s_w - c.s_l)
+    log_qw, log_ql = F.logsigmoid(z), F.logsigmoid(-z)  # before the sigmoids: the gradient sums stay bit-identical
+    return torch.sigmoid(z) * (log_qw - math.log1p(-label_smoothing)) + torch.sigmoid(-z) * (
         log_ql - math.log(label_smoothing)
     )
-    return losses, beta * h_w.detach(), beta * h_l.detach()
 
 
-def nca_pair_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-) -> Losses:
-    """Pairwise NCA: raise the chosen reward in absolute terms, push both rewards down softly.
-
-        r_w = beta h_w, r_l = beta h_l
-        loss = -log sigma(r_w) - 0.5 log sigma(-r_w) - 0.5 log sigma(-r_l)
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        beta: inverse temperature.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Chen et al., "Noise Contrastive Alignment of Language Models with Explicit Rewards", NeurIPS 2024
-    (arXiv:2402.05369).
-    """
-    h_w, h_l = _log_ratios("nca_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    r_w, r_l = beta * h_w, beta * h_l
-    losses = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+@_loss("Pairwise NCA: raise the chosen reward in absolute terms, push both rewards down softly.",
+       "r_w = beta h_w, r_l = beta h_l\nloss = -log sigma(r_w) - 0.5 log sigma(-r_w) - 0.5 log sigma(-r_l)",
+       'Chen et al., "Noise Contrastive Alignment of Language Models with Explicit Rewards", NeurIPS 2024\n'
+       "(arXiv:2402.05369).")
+def nca_pair_loss(c: Pair) -> Tensor:
+    r_w, r_l = c.beta * c.h_w, c.beta * c.h_l
+    return -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
 
 
-def robust_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> Losses:
-    """Robust DPO: an unbiased logistic loss under label-flip noise of rate ``label_smoothing``.
-
-        loss = (-(1 - ls) log sigma(beta delta) + ls log sigma(-beta delta)) / (1 - 2 ls)
-
-    ``label_smoothing`` must lie in [0, 0.5) (TRL only warns; here it raises).
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        beta: inverse temperature. label_smoothing: the flip rate.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Chowdhury, Kini, Natarajan, "Provably Robust DPO", ICML 2024 (arXiv:2403.00409).
-    """
-    h_w, h_l = _log_ratios("robust", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+@_loss("Robust DPO: an unbiased logistic loss under label-flip noise of rate ``label_smoothing``.",
+       "loss = (-(1 - ls) log sigma(beta delta) + ls log sigma(-beta delta)) / (1 - 2 ls)",
+       'Chowdhury, Kini, Natarajan, "Provably Robust DPO", ICML 2024 (arXiv:2403.00409).', f_div=True,
+       note="``label_smoothing`` must lie in [0, 0.5) (TRL only warns; here it raises).")
+def robust_loss(c: Pair, *, label_smoothing: float = 0.0) -> Tensor:
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"loss_type='robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-    z = beta * (h_w - h_l)
-    ls = label_smoothing
-    losses = (-(1 - ls) * F.logsigmoid(z) + ls * F.logsigmoid(-z)) / (1 - 2 * ls)
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+    z, ls = c.beta * (c.s_w - c.s_l), label_smoothing
+    return (-(1 - ls) * F.logsigmoid(z) + ls * F.logsigmoid(-z)) / (1 - 2 * ls)
 
 
-def bco_pair_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-    bco_delta: float = 0.0,
-) -> Losses:
-    """Pairwise BCO: chosen and rejected classified apart around the reward shift ``bco_delta``.
-
-        loss = -log sigma(beta h_w - bco_delta) - log sigma(-(beta h_l - bco_delta))
-
-    ``bco_delta`` is the paper's reward shift: the running mean of past rewards. This function is pure;
-    the trainer keeps that running mean and passes it in. ``bco_delta=0`` is TRL 1.x's ``"bco_pair"``,
-    which dropped the running mean (TRL 0.x kept one inside the trainer).
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        beta: inverse temperature. bco_delta: the reward shift.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Jung et al., "Binary Classifier Optimization for Large Language Model Alignment", arXiv:2404.04656.
-    """
-    h_w, h_l = _log_ratios("bco_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    r_w, r_l = beta * h_w, beta * h_l
-    losses = -F.logsigmoid(r_w - bco_delta) - F.logsigmoid(-(r_l - bco_delta))
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+@_loss("Pairwise BCO: chosen and rejected classified apart around the reward shift ``bco_delta``.",
+       "loss = -log sigma(beta h_w - bco_delta) - log sigma(-(beta h_l - bco_delta))",
+       'Jung et al., "Binary Classifier Optimization for Large Language Model Alignment", arXiv:2404.04656.',
+       note="``bco_delta`` is the paper's reward shift: the running mean of past rewards. This function is pure;\n"
+       "the trainer keeps that running mean and passes it in. ``bco_delta=0`` is TRL 1.x's ``\"bco_pair\"``,\n"
+       "which dropped the running mean (TRL 0.x kept one inside the trainer).")
+def bco_pair_loss(c: Pair, *, bco_delta: float = 0.0) -> Tensor:
+    return -F.logsigmoid(c.beta * c.h_w - bco_delta) - F.logsigmoid(-(c.beta * c.h_l - bco_delta))
 
 
-def sppo_hard_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-) -> Losses:
-    """SPPO with hard win probabilities (1 for the chosen, 0 for the rejected).
-
-        loss = (h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        beta: inverse temperature (the paper's eta is 1 / beta).
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Wu et al., "Self-Play Preference Optimization for Language Model Alignment", arXiv:2405.00675,
-    Eq. 4.7 with P(y_w wins) = 1, P(y_l wins) = 0.
-    """
-    h_w, h_l = _log_ratios(
-        "sppo_hard", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    losses = (h_w - 0.5 / beta) ** 2 + (h_l + 0.5 / beta) ** 2
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+@_loss("SPPO with hard win probabilities (1 for the chosen, 0 for the rejected); the paper's eta is 1 / beta.",
+       "loss = (h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2",
+       'Wu et al., "Self-Play Preference Optimization for Language Model Alignment", arXiv:2405.00675,\n'
+       "Eq. 4.7 with P(y_w wins) = 1, P(y_l wins) = 0.")
+def sppo_hard_loss(c: Pair) -> Tensor:
+    return (c.h_w - 0.5 / c.beta) ** 2 + (c.h_l + 0.5 / c.beta) ** 2
 
 
-def aot_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> Losses:
-    """AOT (paired): first-order stochastic dominance of the policy's log-odds over the reference's.
-
-        d = sort_B(logp_w - logp_l) - sort_B(ref_w - ref_l)
-        loss_i = -(1 - ls) log sigma(beta d_i) - ls log sigma(-beta d_i)
-
-    The sort runs over the batch, so ``losses[i]`` belongs to the i-th quantile, not to pair i, and the
-    loss depends on the batch composition (only the mean is meaningful).
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        beta: inverse temperature. label_smoothing: cDPO smoothing of the logistic loss.
-    Returns:
-        losses (B,) per quantile; chosen_rewards, rejected_rewards (B,) per pair.
-
-    Melnyk et al., "Distributional Preference Alignment of LLMs via Optimal Transport", NeurIPS 2024
-    (arXiv:2406.05882).
-    """
-    h_w, h_l = _log_ratios("aot", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    logratios = torch.sort(policy_chosen_logps - policy_rejected_logps, dim=0).values
-    ref_logratios = torch.sort(ref_chosen_logps - ref_rejected_logps, dim=0).values
-    losses = _smoothed_logistic(beta * (logratios - ref_logratios), label_smoothing)
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+_AOT = ('Melnyk et al., "Distributional Preference Alignment of LLMs via Optimal Transport", NeurIPS 2024\n'
+        "(arXiv:2406.05882).")
 
 
-def aot_unpaired_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> Losses:
-    """AOT (unpaired): stochastic dominance of the chosen log-ratios over the rejected ones.
-
-        d = sort_B(h_w) - sort_B(h_l)
-        loss_i = -(1 - ls) log sigma(beta d_i) - ls log sigma(-beta d_i)
-
-    As in ``aot_loss``, ``losses[i]`` belongs to the i-th quantile, not to pair i.
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        beta: inverse temperature. label_smoothing: cDPO smoothing of the logistic loss.
-    Returns:
-        losses (B,) per quantile; chosen_rewards, rejected_rewards (B,) per pair.
-
-    Melnyk et al., "Distributional Preference Alignment of LLMs via Optimal Transport", NeurIPS 2024
-    (arXiv:2406.05882).
-    """
-    h_w, h_l = _log_ratios(
-        "aot_unpaired", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    d = torch.sort(h_w, dim=0).values - torch.sort(h_l, dim=0).values
-    losses = _smoothed_logistic(beta * d, label_smoothing)
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+@_loss("AOT (paired): first-order stochastic dominance of the policy's log-odds over the reference's.",
+       "d = sort_B(logp_w - logp_l) - sort_B(ref_w - ref_l)\nloss_i = -(1 - ls) log sigma(beta d_i) - ls log "
+       "sigma(-beta d_i)", _AOT,
+       note="The sort runs over the batch, so ``losses[i]`` belongs to the i-th quantile, not to pair i, and the\n"
+       "loss depends on the batch composition (only the mean is meaningful). Rewards are per pair.")
+def aot_loss(c: Pair, *, label_smoothing: float = 0.0) -> Tensor:
+    d = torch.sort(c.pc - c.pr, dim=0).values - torch.sort(c.rc - c.rr, dim=0).values
+    return _smoothed_logistic(c.beta * d, label_smoothing)
 
 
-def apo_zero_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-) -> Losses:
-    """APO-zero: raise the chosen likelihood and lower the rejected one, each anchored at the reference.
-
-        loss = 1 - sigma(beta h_w) + sigma(beta h_l)
-
-    Use it when the chosen answers are better than the model's own.
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        beta: inverse temperature.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    D'Oosterlinck et al., "Anchored Preference Optimization and Contrastive Revisions",
-    arXiv:2408.06266, Eq. 7.
-    """
-    h_w, h_l = _log_ratios("apo_zero", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    losses = 1 - torch.sigmoid(beta * h_w) + torch.sigmoid(beta * h_l)
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+@_loss("AOT (unpaired): stochastic dominance of the chosen log-ratios over the rejected ones.",
+       "d = sort_B(h_w) - sort_B(h_l)\nloss_i = -(1 - ls) log sigma(beta d_i) - ls log sigma(-beta d_i)", _AOT,
+       note="As in ``aot_loss``, ``losses[i]`` belongs to the i-th quantile, not to pair i.")
+def aot_unpaired_loss(c: Pair, *, label_smoothing: float = 0.0) -> Tensor:
+    d = torch.sort(c.h_w, dim=0).values - torch.sort(c.h_l, dim=0).values
+    return _smoothed_logistic(c.beta * d, label_smoothing)
 
 
-def apo_down_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-) -> Losses:
-    """APO-down: lower the chosen likelihood, and the rejected one more.
-
-        loss = sigma(beta h_w) + 1 - sigma(beta delta)
-
-    Use it when the chosen answers are worse than the model's own.
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        beta: inverse temperature.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    D'Oosterlinck et al., "Anchored Preference Optimization and Contrastive Revisions",
-    arXiv:2408.06266, Eq. 8.
-    """
-    h_w, h_l = _log_ratios("apo_down", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    losses = torch.sigmoid(beta * h_w) + 1 - torch.sigmoid(beta * (h_w - h_l))
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+_APO = "D'Oosterlinck et al., \"Anchored Preference Optimization and Contrastive Revisions\",\narXiv:2408.06266"
 
 
-def discopop_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-    discopop_tau: float = 0.05,
-) -> Losses:
-    """DiscoPOP (log-ratio modulated loss): a blend of the logistic and exponential losses.
+@_loss("APO-zero: raise the chosen likelihood and lower the rejected one, each anchored at the reference.",
+       "loss = 1 - sigma(beta h_w) + sigma(beta h_l)", _APO + ", Eq. 7.",
+       note="Use it when the chosen answers are better than the model's own.")
+def apo_zero_loss(c: Pair) -> Tensor:
+    return 1 - torch.sigmoid(c.beta * c.h_w) + torch.sigmoid(c.beta * c.h_l)
 
-        z = beta delta, m = sigma(z / tau)
-        loss = (1 - m) (-log sigma(z)) + m exp(-z)
 
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        beta: inverse temperature. discopop_tau: the modulation temperature tau.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
+@_loss("APO-down: lower the chosen likelihood, and the rejected one more.",
+       "loss = sigma(beta h_w) + 1 - sigma(beta delta)", _APO + ", Eq. 8.",
+       note="Use it when the chosen answers are worse than the model's own.")
+def apo_down_loss(c: Pair) -> Tensor:
+    return torch.sigmoid(c.beta * c.h_w) + 1 - torch.sigmoid(c.beta * (c.h_w - c.h_l))
 
-    Chris Lu et al., "Discovering Preference Optimization Algorithms with and for Large Language
-    Models", NeurIPS 2024 (arXiv:2406.08414), Eq. 5.
-    """
-    h_w, h_l = _log_ratios("discopop", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    z = beta * (h_w - h_l)
+
+@_loss("DiscoPOP (log-ratio modulated loss): a blend of the logistic and exponential losses.",
+       "z = beta delta, m = sigma(z / tau)\nloss = (1 - m) (-log sigma(z)) + m exp(-z)",
+       'Chris Lu et al., "Discovering Preference Optimization Algorithms with and for Large Language\n'
+       'Models", NeurIPS 2024 (arXiv:2406.08414), Eq. 5.', f_div=True)
+def discopop_loss(c: Pair, *, discopop_tau: float = 0.05) -> Tensor:
+    z = c.beta * (c.s_w - c.s_l)
     m = torch.sigmoid(z / discopop_tau)
-    losses = (1 - m) * -F.logsigmoid(z) + m * torch.exp(-z)
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+    return (1 - m) * -F.logsigmoid(z) + m * torch.exp(-z)
 
 
-def sigmoid_norm_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    chosen_lengths: Tensor,
-    rejected_lengths: Tensor,
-    *,
-    beta: float = 0.1,
-) -> Losses:
-    """Length-normalised DPO: the logistic loss on per-token log-ratios (TRL's ``"sigmoid_norm"``).
-
-        loss = -log sigma(beta (h_w / |y_w| - h_l / |y_l|))
-
-    Unlike SimPO it keeps the reference model.
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        chosen_lengths, rejected_lengths (B,): completion token counts.
-        beta: inverse temperature (per token, so typically larger than DPO's).
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Lambert et al., "Tulu 3: Pushing Frontiers in Open Language Model Post-Training",
-    arXiv:2411.15124 (length-normalised DPO).
-    """
-    h_w, h_l = _log_ratios(
-        "sigmoid_norm", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    len_w = _lengths("sigmoid_norm", chosen_lengths, "chosen_lengths", policy_chosen_logps)
-    len_l = _lengths("sigmoid_norm", rejected_lengths, "rejected_lengths", policy_chosen_logps)
-    delta = h_w / len_w - h_l / len_l
-    losses = -F.logsigmoid(beta * delta)
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+@_loss("Supervised NLL on the chosen completions, as TRL's ``\"sft\"`` computes it.",
+       "loss_i = -sum_j logp_w,j / sum_j |y_w,j|   for every i",
+       "The MLE term of MPO (Wang et al., arXiv:2411.10442), combined with DPO losses via ``loss_weights``.",
+       lengths=1, f_div=True,
+       note="This is the token-level mean over the whole batch (TRL's cross-entropy over all chosen tokens),\n"
+       "broadcast to every pair, so the mean over pairs equals TRL's value. The loss does not read the\n"
+       "reference, but the rewards are TRL's ``beta * (policy - ref)``, so it needs one as TRL does; beta\n"
+       "scales the rewards only.")
+def sft_loss(c: Pair) -> Tensor:
+    return (-c.pc.sum() / c.len_w.sum()).expand(c.pc.shape[0])
 
 
-def sft_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    chosen_lengths: Tensor,
-    *,
-    beta: float = 0.1,
-) -> Losses:
-    """Supervised NLL on the chosen completions, as TRL's ``"sft"`` computes it.
-
-        loss_i = -sum_j logp_w,j / sum_j |y_w,j|   for every i
-
-    This is the token-level mean over the whole batch (TRL's cross-entropy over all chosen tokens),
-    broadcast to every pair, so the mean over pairs equals TRL's value. The loss does not read the
-    reference, but the rewards are TRL's ``beta * (policy - ref)``, so it needs one as TRL does.
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps (B,): summed policy log-probs.
-        ref_chosen_logps, ref_rejected_logps (B,): summed reference log-probs (for the rewards).
-        chosen_lengths (B,): chosen completion token counts.
-        beta: scales the rewards only.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    The MLE term of MPO (Wang et al., arXiv:2411.10442), combined with DPO losses via ``loss_weights``.
-    """
-    h_w, h_l = _log_ratios("sft", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    len_w = _lengths("sft", chosen_lengths, "chosen_lengths", policy_chosen_logps)
-    nll = -policy_chosen_logps.sum() / len_w.sum()
-    losses = nll.expand(policy_chosen_logps.shape[0])
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+@_loss("Length-normalised DPO: the logistic loss on per-token log-ratios (TRL's ``\"sigmoid_norm\"``).",
+       "loss = -log sigma(beta (h_w / |y_w| - h_l / |y_l|))",
+       'Lambert et al., "Tulu 3: Pushing Frontiers in Open Language Model Post-Training",\n'
+       "arXiv:2411.15124 (length-normalised DPO).", lengths=2, f_div=True,
+       note="Unlike SimPO it keeps the reference model; beta is per token, so typically larger than DPO's.")
+def sigmoid_norm_loss(c: Pair) -> Tensor:
+    return -F.logsigmoid(c.beta * (c.s_w / c.len_w - c.s_l / c.len_l))
 
 
 # ---------------------------------------------------------------------------------------------
 # Losses TRL keeps in other trainers or dropped (reference-free unless noted)
 
 
-def cdpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> Losses:
-    """Conservative DPO (cDPO): the logistic loss against labels flipped with probability ``label_smoothing``.
-
-        loss = -(1 - ls) log sigma(beta delta) - ls log sigma(-beta delta)
-
-    ``label_smoothing`` (ls) must lie in [0, 0.5); ls = 0 is ``sigmoid_loss``. This is what TRL 0.x's
-    ``"sigmoid"`` computed with ``label_smoothing > 0``; TRL 1.x dropped it, so it has its own name here.
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
-        beta: inverse temperature. label_smoothing: the flip probability.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Mitchell, "A note on DPO with noisy preferences and relationship to IPO", 2023, Eq. 3.
-    """
-    h_w, h_l = _log_ratios("cdpo", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+@_loss("Conservative DPO (cDPO): the logistic loss against labels flipped with probability ``label_smoothing``.",
+       "loss = -(1 - ls) log sigma(beta delta) - ls log sigma(-beta delta)",
+       'Mitchell, "A note on DPO with noisy preferences and relationship to IPO", 2023, Eq. 3.', f_div=True,
+       note="``label_smoothing`` (ls) must lie in [0, 0.5); ls = 0 is ``sigmoid_loss``. This is what TRL 0.x's\n"
+       "``\"sigmoid\"`` computed with ``label_smoothing > 0``; TRL 1.x dropped it, so it has its own name here.")
+def cdpo_loss(c: Pair, *, label_smoothing: float = 0.0) -> Tensor:
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"loss_type='cdpo' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-    losses = _smoothed_logistic(beta * (h_w - h_l), label_smoothing)
-    return losses, beta * h_w.detach(), beta * h_l.detach()
+    return _smoothed_logistic(c.beta * (c.s_w - c.s_l), label_smoothing)
 
 
-def slic_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    chosen_lengths: Tensor,
-    *,
-    beta: float = 0.1,
-    slic_delta: float = 1.0,
-    slic_lambda: float = 1.0,
-) -> Losses:
-    """SLiC-HF: a hinge on the sequence log-likelihood margin plus NLL on the chosen completion.
-
-        loss = max(0, slic_delta - logp_w + logp_l) - slic_lambda logp_w / |y_w|
-
-    Reference-free, as in the paper: the calibration term compares raw likelihoods, and the NLL term
-    (here on the chosen completion, per token) is what keeps the policy near the SFT model. The
-    defaults are ours; the paper tunes both. ``beta`` only scales the reported rewards, ``beta * logp``.
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps (B,): summed policy log-probs.
-        chosen_lengths (B,): chosen completion token counts.
-        slic_delta: the margin delta. slic_lambda: the NLL weight lambda.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Zhao et al., "SLiC-HF: Sequence Likelihood Calibration with Human Feedback", arXiv:2305.10425, Eq. 1.
-    """
-    len_w = _lengths("slic", chosen_lengths, "chosen_lengths", policy_chosen_logps)
-    calibration = torch.relu(slic_delta - policy_chosen_logps + policy_rejected_logps)
-    losses = calibration - slic_lambda * policy_chosen_logps / len_w
-    return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+@_loss("SLiC-HF: a hinge on the sequence log-likelihood margin plus NLL on the chosen completion.",
+       "loss = max(0, slic_delta - logp_w + logp_l) - slic_lambda logp_w / |y_w|",
+       'Zhao et al., "SLiC-HF: Sequence Likelihood Calibration with Human Feedback", arXiv:2305.10425, Eq. 1.',
+       ref=False, lengths=1,
+       note="Reference-free, as in the paper: the calibration term compares raw likelihoods, and the NLL term\n"
+       "(here on the chosen completion, per token) is what keeps the policy near the SFT model. The\n"
+       "defaults are ours; the paper tunes both. ``beta`` only scales the reported rewards, ``beta * logp``.")
+def slic_loss(c: Pair, *, slic_delta: float = 1.0, slic_lambda: float = 1.0) -> Tensor:
+    return torch.relu(slic_delta - c.pc + c.pr) - slic_lambda * c.pc / c.len_w
 
 
-def cpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    chosen_lengths: Tensor,
-    *,
-    beta: float = 0.1,
-    cpo_alpha: float = 1.0,
-    label_smoothing: float = 0.0,
-) -> Losses:
-    """CPO: DPO's logistic loss with a uniform reference, plus NLL on the chosen completion.
-
-        loss = -(1 - ls) log sigma(z) - ls log sigma(-z) - cpo_alpha logp_w / |y_w|,
-        z = beta (logp_w - logp_l)
-
-    Rewards are ``beta * logp`` (the DPO reward with the reference dropped), as in TRL's CPOTrainer.
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps (B,): summed policy log-probs.
-        chosen_lengths (B,): chosen completion token counts.
-        beta: inverse temperature. cpo_alpha: NLL weight. label_smoothing: cDPO smoothing.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Xu et al., "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in
-    Machine Translation", ICML 2024 (arXiv:2401.08417).
-    """
-    len_w = _lengths("cpo", chosen_lengths, "chosen_lengths", policy_chosen_logps)
-    z = beta * (policy_chosen_logps - policy_rejected_logps)
-    losses = _smoothed_logistic(z, label_smoothing) - cpo_alpha * policy_chosen_logps / len_w
-    return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+@_loss("CPO: DPO's logistic loss with a uniform reference, plus NLL on the chosen completion.",
+       "loss = -(1 - ls) log sigma(z) - ls log sigma(-z) - cpo_alpha logp_w / |y_w|,\nz = beta (logp_w - logp_l)",
+       'Xu et al., "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in\n'
+       'Machine Translation", ICML 2024 (arXiv:2401.08417).', ref=False, lengths=1,
+       note="Rewards are ``beta * logp`` (the DPO reward with the reference dropped), as in TRL's CPOTrainer.")
+def cpo_loss(c: Pair, *, cpo_alpha: float = 1.0, label_smoothing: float = 0.0) -> Tensor:
+    return _smoothed_logistic(c.beta * (c.pc - c.pr), label_smoothing) - cpo_alpha * c.pc / c.len_w
 
 
-def simpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    chosen_lengths: Tensor,
-    rejected_lengths: Tensor,
-    *,
-    beta: float = 0.1,
-    simpo_gamma: float = 0.5,
-    label_smoothing: float = 0.0,
-) -> Losses:
-    """SimPO: the logistic loss on length-normalised log-probs with a target margin, no reference.
-
-        z = beta (logp_w / |y_w| - logp_l / |y_l|) - simpo_gamma
-        loss = -(1 - ls) log sigma(z) - ls log sigma(-z)
-
-    Rewards are SimPO's implicit reward ``beta * logp / |y|``. The paper uses beta around 2.0, not
-    DPO's 0.1; ``simpo_gamma=0.5`` is TRL's CPOConfig default.
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps (B,): summed policy log-probs.
-        chosen_lengths, rejected_lengths (B,): completion token counts.
-        beta: reward scale. simpo_gamma: target reward margin. label_smoothing: cDPO smoothing.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Meng, Xia, Chen, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
-    NeurIPS 2024 (arXiv:2405.14734), Eq. 6.
-    """
-    len_w = _lengths("simpo", chosen_lengths, "chosen_lengths", policy_chosen_logps)
-    len_l = _lengths("simpo", rejected_lengths, "rejected_lengths", policy_chosen_logps)
-    r_w = beta * policy_chosen_logps / len_w
-    r_l = beta * policy_rejected_logps / len_l
-    losses = _smoothed_logistic(r_w - r_l - simpo_gamma, label_smoothing)
-    return losses, r_w.detach(), r_l.detach()
+@_loss("SimPO: the logistic loss on length-normalised log-probs with a target margin, no reference.",
+       "z = beta (logp_w / |y_w| - logp_l / |y_l|) - simpo_gamma\nloss = -(1 - ls) log sigma(z) - ls log sigma(-z)",
+       'Meng, Xia, Chen, "SimPO: Simple Preference Optimization with a Reference-Free Reward",\n'
+       "NeurIPS 2024 (arXiv:2405.14734), Eq. 6.", ref=False, lengths=2,
+       note="Rewards are SimPO's implicit reward ``beta * logp / |y|``. The paper uses beta around 2.0, not\n"
+       "DPO's 0.1; ``simpo_gamma=0.5`` is TRL's CPOConfig default.")
+def simpo_loss(c: Pair, *, simpo_gamma: float = 0.5, label_smoothing: float = 0.0) -> Losses:
+    r_w, r_l = c.beta * c.pc / c.len_w, c.beta * c.pr / c.len_l
+    return _smoothed_logistic(r_w - r_l - simpo_gamma, label_smoothing), r_w, r_l
 
 
-def orpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    chosen_lengths: Tensor,
-    rejected_lengths: Tensor,
-    *,
-    beta: float = 0.1,
-) -> Losses:
-    """ORPO: NLL on the chosen completion plus a log-odds-ratio penalty, no reference.
-
-        a = logp_w / |y_w|, b = logp_l / |y_l|            (per-token mean log-probs, < 0)
-        log_odds = (a - b) - (log(1 - e^a) - log(1 - e^b))
-        loss = -a - beta log sigma(log_odds)
-
-    ``beta`` is the paper's lambda (as in TRL's ORPOTrainer). ``log(1 - e^x)`` is computed stably.
-    Rewards are ``beta * a``, TRL's ORPOTrainer choice (the paper defines none).
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps (B,): summed policy log-probs.
-        chosen_lengths, rejected_lengths (B,): completion token counts.
-        beta: weight lambda of the odds-ratio term.
-    Returns:
-        losses, chosen_rewards, rejected_rewards, each (B,).
-
-    Hong, Lee, Thorne, "ORPO: Monolithic Preference Optimization without Reference Model",
-    EMNLP 2024 (arXiv:2403.07691), Eqs. 6-7.
-    """
-    a = policy_chosen_logps / _lengths("orpo", chosen_lengths, "chosen_lengths", policy_chosen_logps)
-    b = policy_rejected_logps / _lengths("orpo", rejected_lengths, "rejected_lengths", policy_chosen_logps)
+@_loss("ORPO: NLL on the chosen completion plus a log-odds-ratio penalty, no reference.",
+       "a = logp_w / |y_w|, b = logp_l / |y_l|            (per-token mean log-probs, < 0)\n"
+       "log_odds = (a - b) - (log(1 - e^a) - log(1 - e^b))\nloss = -a - beta log sigma(log_odds)",
+       'Hong, Lee, Thorne, "ORPO: Monolithic Preference Optimization without Reference Model",\n'
+       "EMNLP 2024 (arXiv:2403.07691), Eqs. 6-7.", ref=False, lengths=2,
+       note="``beta`` is the paper's lambda (as in TRL's ORPOTrainer). ``log(1 - e^x)`` is computed stably.\n"
+       "Rewards are ``beta * a``, TRL's ORPOTrainer choice (the paper defines none).")
+def orpo_loss(c: Pair) -> Losses:
+    a, b = c.pc / c.len_w, c.pr / c.len_l
     log_odds = (a - b) - (_log1mexp(a) - _log1mexp(b))
-    losses = -a - beta * F.logsigmoid(log_odds)
-    return losses, beta * a.detach(), beta * b.detach()
+    return -a - c.beta * F.logsigmoid(log_odds), c.beta * a, c.beta * b
 
 
 # ---------------------------------------------------------------------------------------------
-# The name table and the dispatcher
+# Sets derived from the table, and the dispatcher
 
-LOSS_TYPES: dict[str, Callable[..., Losses]] = {
-    "sigmoid": sigmoid_loss,
-    "hinge": hinge_loss,
-    "ipo": ipo_loss,
-    "exo_pair": exo_pair_loss,
-    "nca_pair": nca_pair_loss,
-    "robust": robust_loss,
-    "bco_pair": bco_pair_loss,
-    "sppo_hard": sppo_hard_loss,
-    "aot": aot_loss,
-    "aot_unpaired": aot_unpaired_loss,
-    "apo_zero": apo_zero_loss,
-    "apo_down": apo_down_loss,
-    "discopop": discopop_loss,
-    "sft": sft_loss,
-    "sigmoid_norm": sigmoid_norm_loss,
-    "cdpo": cdpo_loss,
-    "slic": slic_loss,
-    "cpo": cpo_loss,
-    "simpo": simpo_loss,
-    "orpo": orpo_loss,
-}
-
-
-def _required(fn: Callable[..., Losses], arg: str) -> bool:
-    param = inspect.signature(fn).parameters.get(arg)
-    return param is not None and param.default is inspect.Parameter.empty
-
-
-def _params(fn: Callable[..., Losses]) -> list[str]:
-    """The loss's own keyword parameters (everything after ``beta``)."""
-    sig = inspect.signature(fn).parameters.values()
-    return [p.name for p in sig if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "beta"]
-
-
-# Derived from the signatures, so the table and the functions cannot disagree.
-REFERENCE_FREE: frozenset[str] = frozenset(
-    name for name, fn in LOSS_TYPES.items() if not _required(fn, "ref_chosen_logps")
-)
+REFERENCE_FREE: frozenset[str] = frozenset(name for name, spec in LOSS_SPECS.items() if not spec.ref)
+# TRL 1.16 DPOTrainer's f_divergence_loss_types plus our cdpo: the losses built on s_w - s_l (the f-DPO
+# reparameterisation leaves a beta log Z(x) term that only cancels in that difference), and sft, which reads neither.
+F_DIVERGENCE_LOSSES: frozenset[str] = frozenset(name for name, spec in LOSS_SPECS.items() if spec.f_div)
 
 
 def _names(loss_type: str | Sequence[str]) -> list[str]:
@@ -779,7 +457,21 @@ def requires_reference(loss_type: str | Sequence[str]) -> bool:
 
 def requires_lengths(loss_type: str | Sequence[str]) -> bool:
     """Whether the loss (for a list: any of them) needs completion token counts."""
-    return any(_required(LOSS_TYPES[name], arg) for name in _names(loss_type) for arg in _LENGTH_ARGS)
+    return any(LOSS_SPECS[name].lengths > 0 for name in _names(loss_type))
+
+
+def _check_f_divergence(names: list[str], f_divergence_type: str) -> None:
+    if f_divergence_type not in F_DIVERGENCES:
+        close = difflib.get_close_matches(str(f_divergence_type), F_DIVERGENCES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}.{hint} Allowed: {list(F_DIVERGENCES)}")
+    other = [name for name in names if name not in F_DIVERGENCE_LOSSES]
+    if f_divergence_type != "reverse_kl" and other:
+        raise ValueError(
+            f"f_divergence_type={f_divergence_type!r} is only supported for the loss types "
+            f"{sorted(F_DIVERGENCE_LOSSES)}; loss_type {names} includes {other}. Use the default "
+            "f_divergence_type='reverse_kl' with these losses."
+        )
 
 
 def preference_loss(
@@ -792,6 +484,8 @@ def preference_loss(
     beta: float = 0.1,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
     **params: object,
 ) -> Losses:
     """Per-pair preference loss by name, or a weighted sum of several (TRL 1.x multi-loss).
@@ -802,12 +496,20 @@ def preference_loss(
     of the first listed loss. Each loss receives only the arguments it takes: reference log-probs and
     lengths it does not use are ignored, and the ones it needs raise ``ValueError`` when missing.
 
+    f-DPO (TRL 1.16's ``f_divergence_type``): the losses in ``F_DIVERGENCE_LOSSES`` read the scores
+    s = f_divergence_scores(h) in place of the log-ratios h, e.g. sigmoid: loss = -log sigma(beta (s_w - s_l)),
+    ipo and sigmoid_norm: s / |y|. The rewards stay beta * h, as TRL logs them. Any other listed loss is
+    refused with a ``ValueError`` unless ``f_divergence_type="reverse_kl"`` (s = h, the default).
+    Wang et al., "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence
+    Constraints", ICLR 2024 (arXiv:2309.16240).
+
     Args:
         loss_type: a name in ``LOSS_TYPES`` or a list of them.
         policy_chosen_logps, policy_rejected_logps (B,): summed policy log-probs.
         ref_chosen_logps, ref_rejected_logps (B,), optional: summed reference log-probs.
         beta: shared by every loss.
         chosen_lengths, rejected_lengths (B,), optional: completion token counts.
+        f_divergence_type: one of ``F_DIVERGENCES``. f_alpha_divergence_coef: alpha of alpha_divergence.
         **params: ``loss_weights`` (one float per loss, default 1.0 each) and the losses' own
             parameters (``label_smoothing``, ``discopop_tau``, ``bco_delta``, ``simpo_gamma``,
             ``cpo_alpha``, ``slic_delta``, ``slic_lambda``). With a list, each loss takes the ones it
@@ -816,31 +518,26 @@ def preference_loss(
         losses, chosen_rewards, rejected_rewards, each (B,).
     """
     names = _names(loss_type)
+    _check_f_divergence(names, f_divergence_type)
     weights = params.pop("loss_weights", None)
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
     if len(weights) != len(names):
         raise ValueError(f"loss_weights has {len(weights)} entries for {len(names)} loss types {names}")
-    accepted = {p for name in names for p in _params(LOSS_TYPES[name])}
+    accepted = {p for name in names for p in LOSS_SPECS[name].params}
     unknown = sorted(set(params) - accepted)
     if unknown:
         hints = {u: difflib.get_close_matches(u, accepted, n=1) for u in unknown}
         hint = "".join(f" Did you mean {h[0]!r} for {u!r}?" for u, h in hints.items() if h)
         raise TypeError(f"unknown parameter(s) {unknown} for loss_type {names}; accepted: {sorted(accepted)}.{hint}")
 
-    tensors = {
-        "policy_chosen_logps": policy_chosen_logps,
-        "policy_rejected_logps": policy_rejected_logps,
-        "ref_chosen_logps": ref_chosen_logps,
-        "ref_rejected_logps": ref_rejected_logps,
-        "chosen_lengths": chosen_lengths,
-        "rejected_lengths": rejected_lengths,
-    }
+    tensors = dict(zip(_TENSOR_ARGS, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                      ref_rejected_logps, chosen_lengths, rejected_lengths), strict=True))
     total, rewards = None, None
     for name, weight in zip(names, weights, strict=True):
-        fn = LOSS_TYPES[name]
-        fn_args = inspect.signature(fn).parameters
-        kwargs = {k: v for k, v in {**tensors, **params}.items() if k in fn_args}
-        losses, chosen_rewards, rejected_rewards = fn(**kwargs, beta=beta)
+        spec = LOSS_SPECS[name]
+        own = {**spec.params, **{k: v for k, v in params.items() if k in spec.params}}
+        losses, chosen_rewards, rejected_rewards = _compute(spec, tensors, beta, own, f_divergence_type,
+                                                            f_alpha_divergence_coef)
         total = weight * losses if total is None else total + weight * losses
         if rewards is None:
             rewards = (chosen_rewards, rejected_rewards)

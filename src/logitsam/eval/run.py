@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .._atomic import write_json, write_text
 from ..core import HeadOutput, sequence_logps, shift_labels
+from ..core.head import STAT_NAMES
 from ..core.losses import preference_loss
 from ..data import DataError, PreferenceCollator, build_preference_dataset, load_preference_examples
 from ..diagnostics import hutchinson_trace, squeeze_metrics
@@ -67,7 +68,7 @@ def _concat(outputs: list[HeadOutput]) -> HeadOutput:
         rejected = [getattr(o, name)[o.num_pairs:] for o in outputs]
         return torch.cat(chosen + rejected)
 
-    names = ("logps", "lengths", "entropy", "argmax_prob", "top1", "sum_p2", "logits_sum", "argmax_logp")
+    names = ("logps", "lengths", *STAT_NAMES)
     values = {n: cat(n) for n in names}
     return HeadOutput(token_logps=values["logps"][:, None], vocab_size=outputs[0].vocab_size, **values)
 

@@ -25,7 +25,8 @@ from ..models import lm_head_of, unwrap_model
 
 
 def head_inside_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        head_pass: Callable[[torch.Tensor, nn.Module], torch.Tensor]) -> torch.Tensor:
+                        head_pass: Callable[[torch.Tensor, nn.Module], torch.Tensor],
+                        aux: dict | None = None) -> torch.Tensor:
     """``head_pass(hidden, lm_head)`` run as the LM head's forward, inside ``model``'s forward.
 
         out = head_inside_forward(model, ids, mask, lambda hidden, head: f(hidden, head.weight))
@@ -38,6 +39,8 @@ def head_inside_forward(model: nn.Module, input_ids: torch.Tensor, attention_mas
         head_pass: maps ``hidden (B, T, d)`` (attached to the backbone's graph) and the head module, whose
             ``weight (V, d)`` is the gathered one while it runs, to the tensor to return (a loss, or
             detached log-probs). Side results (statistics) go out through the caller's closure.
+        aux: when a dict, the forward also asks a mixture-of-experts model for its router logits and stores
+            the model's load-balancing loss under ``aux["aux_loss"]`` (nothing for a model without one).
 
     Returns:
         what ``head_pass`` returned, after the wrapper's post-forward hooks (FSDP2 registers its
@@ -56,7 +59,8 @@ def head_inside_forward(model: nn.Module, input_ids: torch.Tensor, attention_mas
     own = head.__dict__.get("forward")  # a forward already bound on the instance (accelerate's hooks)
     head.forward = forward
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=0, use_cache=False)
+        extra = {"output_router_logits": True} if aux is not None else {}
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=0, use_cache=False, **extra)
     finally:
         if own is None:
             del head.forward
@@ -64,4 +68,6 @@ def head_inside_forward(model: nn.Module, input_ids: torch.Tensor, attention_mas
             head.forward = own
     assert len(calls) == 1, f"the LM head ran {len(calls)} times in one forward"
     assert tuple(calls[0][:2]) == tuple(input_ids.shape), f"head saw {tuple(calls[0])} for {tuple(input_ids.shape)}"
+    if aux is not None and getattr(out, "aux_loss", None) is not None:
+        aux["aux_loss"] = out.aux_loss
     return out.logits

@@ -33,6 +33,7 @@ from .._atomic import write_text as atomic_write_text
 SAM_MODES = ("none", "logits", "full")
 DATA_FORMATS = ("auto", "hh", "prompt_chosen_rejected", "conversational")
 ON_NONFINITE = ("skip", "stop")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # TRL 1.16's
 # the loss keys TrainConfig passes to the losses that take them (``loss_params``)
 LOSS_PARAMS = ("label_smoothing", "discopop_tau", "simpo_gamma", "cpo_alpha", "slic_delta", "slic_lambda")
 
@@ -69,6 +70,20 @@ class TrainConfig:
     lora_alpha: int = _f(32, "LoRA alpha.")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_target_modules: list[str] | str = _f(["all-linear"], "LoRA target modules: names, or all-linear.")
+    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (PEFT's use_dora; TRL ModelConfig).")
+    use_rslora: bool = _f(False, "rsLoRA: scale the adapters by lora_alpha / sqrt(r) (PEFT's use_rslora).")
+    load_in_4bit: bool = _f(False, "QLoRA: load the base weights in 4 bit (bitsandbytes, CUDA); needs use_peft.")
+    load_in_8bit: bool = _f(False, "Load the base weights in 8 bit (bitsandbytes, CUDA); needs use_peft.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit quantization type (TRL ModelConfig).")
+    use_bnb_nested_quant: bool = _f(False, "Nested (double) quantization of the 4-bit constants.")
+    model_revision: str = _f("main", "Hub revision of the model (branch, tag or commit).")
+    attn_implementation: str | None = _f(None, "Attention kernel: eager, sdpa, flash_attention_2 ... (default: "
+                                         "transformers' choice).")
+    model_init_kwargs: dict | str | None = _f(None, "More from_pretrained keyword arguments, a dict (YAML) or a JSON "
+                                              "string (CLI), for policy and reference; the model keys above win.")
+    disable_dropout: bool = _f(True, "Set every dropout probability of the policy and the reference to 0 (TRL's).")
+    router_aux_loss_coef: float | None = _f(None, "MoE models: weight of the router load-balancing loss added to the "
+                                            "preference loss (default: the model config's; 0 turns it off).")
     # data
     dataset_name: str | None = _f(None, "Hub id, local dataset dir, or a JSON/JSONL/Parquet file (gzip ok).")
     dataset_split: str = _f("train", "Split to read, e.g. 'train' or 'train[:1000]'.")
@@ -77,6 +92,9 @@ class TrainConfig:
     eval_size: float = _f(0.05, "Held-out eval part of dataset_name: a fraction (<1) or a count; 0 for none.")
     data_format: Literal[DATA_FORMATS] = _f("auto", "Data layout; auto detects it from the columns.")
     max_samples: int | None = _f(None, "Read at most this many rows.")
+    dataset_num_proc: int | None = _f(None, "Processes that tokenise the data (datasets.map num_proc).")
+    pad_to_multiple_of: int | str | None = _f("auto", "Pad each batch's length up to a multiple of this; auto: "
+                                              "none (TRL pads to 128 on Neuron only, which logitsam does not run on).")
     max_length: int = _f(1024, "Max tokens of each prompt + completion sequence; longer ones are cut per "
                          "truncation_mode.")
     max_prompt_length: int | None = _f(None, "Not a TRL 1.x key: when set, the prompt keeps its last "
@@ -106,7 +124,19 @@ class TrainConfig:
     cpo_alpha: float | None = _f(None, "CPO NLL weight (unset: 1.0).")
     slic_delta: float | None = _f(None, "SLiC-HF hinge margin (unset: 1.0).")
     slic_lambda: float | None = _f(None, "SLiC-HF NLL weight (unset: 1.0).")
+    f_divergence_type: Literal[F_DIVERGENCES] = _f("reverse_kl", "f-DPO: the divergence whose f'(pi/ref) replaces "
+                                                 "the log-ratio in the loss (reverse_kl is DPO).")
+    f_alpha_divergence_coef: float = _f(0.5, "f-DPO: alpha of alpha_divergence.")
+    ld_alpha: float | None = _f(None, "LD-DPO: weight of the completion tokens past the pair's shared length "
+                                "(null: plain sums).")
+    use_weighting: bool = _f(False, "WPO: weight each pair by its chosen and rejected completions' probability "
+                             "under the policy, relative to sum_v p_v^2 per token.")
     precompute_ref_log_probs: bool = _f(True, "One reference pass before training, cached on disk by fingerprint.")
+    precompute_ref_batch_size: int | None = _f(None, "Batch size of that pass (default: per_device_train_batch_size "
+                                               "for train, per_device_eval_batch_size for eval data).")
+    sync_ref_model: bool = _f(False, "TR-DPO: every ref_model_sync_steps, ref = (1 - alpha) ref + alpha policy.")
+    ref_model_mixup_alpha: float = _f(0.6, "TR-DPO: alpha of that update.")
+    ref_model_sync_steps: int = _f(512, "TR-DPO: optimizer steps between updates.")
     # sam
     sam: Literal[SAM_MODES] = _f("none", "none (plain optimizer), logits (logits-SAM on the LM head), full (SAM on "
                                  "all params).")
@@ -135,6 +165,8 @@ class TrainConfig:
         if self.lora_target_modules == ["all-linear"]:  # PEFT knows the shorthand only as a string
             self.lora_target_modules = "all-linear"
         self.sam_chunk_size = _chunk_size(self.sam_chunk_size)
+        self.pad_to_multiple_of = _pad_to_multiple_of(self.pad_to_multiple_of)
+        self.model_init_kwargs = _init_kwargs(self.model_init_kwargs)
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             allowed = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else None
@@ -146,7 +178,7 @@ class TrainConfig:
         if self.eval_size >= 1 and self.eval_size != int(self.eval_size):
             raise ConfigError(f"config key 'eval_size' = {self.eval_size}: a count (>= 1) must be a whole number")
         for key in ("max_length", "max_prompt_length", "max_samples", "lora_r", "sam_chunk_size",
-                    "sam_vocab_chunk_size"):
+                    "sam_vocab_chunk_size", "dataset_num_proc", "precompute_ref_batch_size", "ref_model_sync_steps"):
             value = getattr(self, key)
             if value is not None and value != "auto":
                 _check_range(key, value, low=1)
@@ -161,6 +193,8 @@ class TrainConfig:
             raise ConfigError("config keys 'sam_adaptive' and 'sam_asam' are exclusive: choose one")
         self._resolve_sam_variant()
         self._check_loss()
+        self._check_model_keys()
+        self._check_reference_sync()
         resume = self.training_args.get("resume_from_checkpoint")
         if isinstance(resume, bool):  # true means "last": the newest complete checkpoint in output_dir
             self.training_args["resume_from_checkpoint"] = "last" if resume else None
@@ -177,6 +211,29 @@ class TrainConfig:
                     raise ConfigError(f"config keys '{flag}' = true and 'sam_variant' = {self.sam_variant!r} "
                                       "conflict: set only sam_variant")
                 self.sam_variant = name
+
+    def _check_model_keys(self) -> None:
+        if self.router_aux_loss_coef is not None:
+            _check_range("router_aux_loss_coef", self.router_aux_loss_coef, low=0.0)
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("config keys 'load_in_4bit' and 'load_in_8bit' are exclusive: choose one")
+        quantized = "load_in_4bit" if self.load_in_4bit else "load_in_8bit" if self.load_in_8bit else None
+        if quantized and not self.use_peft:
+            raise ConfigError(f"config key {quantized!r} = true needs use_peft: true (quantized weights cannot be "
+                              "trained directly; QLoRA trains LoRA adapters over them)")
+
+    def _check_reference_sync(self) -> None:
+        if not self.sync_ref_model:
+            return
+        _check_range("ref_model_mixup_alpha", self.ref_model_mixup_alpha, low=0.0, high=1.0, low_inclusive=False,
+                     high_inclusive=True)
+        if self.use_peft and not self.ref_model_name_or_path:
+            raise ConfigError("config key 'sync_ref_model' = true cannot run with use_peft: true: the reference is "
+                              "the policy with its adapters off, there is no separate model to update (TRL refuses "
+                              "it too)")
+        if self.precompute_ref_log_probs:
+            # our default is true where TRL's is false; a moving reference has no log-probs to precompute
+            self.precompute_ref_log_probs = False
 
     def _check_loss(self) -> None:
         from ..core.losses import LOSS_TYPES
@@ -205,6 +262,19 @@ class TrainConfig:
                         if key == "label_smoothing" and "sigmoid" in names else "")
                 raise ConfigError(f"config key {key!r} = {value!r} is not used by loss_type {shown}; it applies to: "
                                   f"{', '.join(users)}{note}")
+        from ..core.losses import F_DIVERGENCE_LOSSES
+
+        if self.f_divergence_type != "reverse_kl":
+            other = [n for n in names if n not in F_DIVERGENCE_LOSSES]
+            if other:
+                raise ConfigError(f"config key 'f_divergence_type' = {self.f_divergence_type!r} does not apply to "
+                                  f"loss_type {other}; it applies to: {sorted(F_DIVERGENCE_LOSSES)}")
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(names):
+            raise ConfigError(f"config key 'use_weighting' = true cannot be combined with loss_type {shown}: AOT "
+                              "sorts the batch's margins, so a pair has no loss of its own to weight (TRL refuses "
+                              "it too)")
+        if self.ld_alpha is not None:
+            _check_range("ld_alpha", self.ld_alpha, low=0.0, high=1.0, high_inclusive=True)
         ls = self.label_smoothing
         if "exo_pair" in names and not 0.0 < ls < 1.0:  # TRL's DPOTrainer refuses to start too
             raise ConfigError(f"config key 'label_smoothing' = {ls!r}: loss_type 'exo_pair' needs 0 < "
@@ -220,11 +290,44 @@ class TrainConfig:
 
         accepted = {p for name in self.loss_type for p in inspect.signature(LOSS_TYPES[name]).parameters}
         out = {k: getattr(self, k) for k in LOSS_PARAMS if k in accepted and getattr(self, k) is not None}
+        if self.f_divergence_type != "reverse_kl":
+            out.update(f_divergence_type=self.f_divergence_type, f_alpha_divergence_coef=self.f_alpha_divergence_coef)
         return out if self.loss_weights is None else {**out, "loss_weights": self.loss_weights}
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "training_args"}
         return {**out, **self.training_args}
+
+
+def _pad_to_multiple_of(value):
+    """TRL's ``pad_to_multiple_of``: an int, None, or auto (None off Neuron); CLI strings read like TRL's."""
+    if isinstance(value, str) and value != "auto":
+        if value.lower() in ("none", "null"):
+            return None
+        try:
+            value = int(value)
+        except ValueError:
+            raise ConfigError(f"config key 'pad_to_multiple_of' = {value!r} must be an integer >= 1, null or "
+                              "'auto'") from None
+    if value == "auto":
+        return None
+    if value is not None:
+        _check_range("pad_to_multiple_of", value, low=1)
+    return value
+
+
+def _init_kwargs(value):
+    """``model_init_kwargs``: a dict, or the JSON text of one (the command line)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config key 'model_init_kwargs' = {value!r} is not valid JSON ({e.msg} at character "
+                              f"{e.pos}); example: '{{\"attn_implementation\": \"sdpa\"}}'") from None
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"config key 'model_init_kwargs' = {value!r} must be a mapping of from_pretrained "
+                          "keyword arguments")
+    return value
 
 
 def _chunk_size(value):
@@ -267,26 +370,13 @@ REMOVED_KEYS = {
     "rpo_alpha": "RPO's NLL term is not in TRL 1.x; use loss_type: [sigmoid, sft] with loss_weights",
     "max_completion_length": "use max_length (prompt + completion) and max_prompt_length",
     "ref_model_init_kwargs": "use ref_model_name_or_path and dtype",
-    "model_init_kwargs": "use dtype, trust_remote_code and the other model keys",
     "generate_during_eval": "use `logitsam eval` for judged generation",
     "padding_value": "padding comes from the tokenizer's pad token",
     "pad_token": "padding comes from the tokenizer's pad token (deprecated in TRL too)",
     "is_encoder_decoder": "only causal LMs are supported",
     "use_logits_to_keep": "logitsam never builds full-vocabulary logits for prompt tokens",
     "padding_free": "not implemented: batches are right-padded",
-    "pad_to_multiple_of": "not implemented: batches are padded to their longest row",
-    "dataset_num_proc": "not implemented: tokenisation runs in one process",
-    "precompute_ref_batch_size": "not implemented: the reference pass uses per_device_eval_batch_size",
-    "disable_dropout": "not implemented: dropout stays as the model config sets it",
     "activation_offloading": "not implemented; use gradient_checkpointing to save activation memory",
-    "router_aux_loss_coef": "not implemented: the MoE load-balancing loss is not added",
-    "sync_ref_model": "not implemented: the reference stays fixed",
-    "ref_model_mixup_alpha": "not implemented (TR-DPO): the reference stays fixed",
-    "ref_model_sync_steps": "not implemented (TR-DPO): the reference stays fixed",
-    "use_weighting": "WPO weighting is not implemented",
-    "ld_alpha": "LD-DPO is not implemented",
-    "f_divergence_type": "f-divergence DPO is not implemented",
-    "f_alpha_divergence_coef": "f-divergence DPO is not implemented",
 }
 # TRL 1.x spellings accepted for our keys.
 ALIASES = {
@@ -314,13 +404,14 @@ TRAINING_ARG_BOUNDS = {
 }
 
 
-def _check_range(key: str, value, *, low=None, high=None, low_inclusive: bool = True) -> None:
-    """Raise ConfigError unless ``value`` is finite and ``low <= value < high`` (``low < value`` if exclusive)."""
+def _check_range(key: str, value, *, low=None, high=None, low_inclusive: bool = True,
+                 high_inclusive: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is finite and ``low <= value < high`` (each end as its flag says)."""
     ok = math.isfinite(value) and (low is None or (value >= low if low_inclusive else value > low))
-    ok = ok and (high is None or value < high)
+    ok = ok and (high is None or (value <= high if high_inclusive else value < high))
     if not ok:
         bounds = [f"{'>=' if low_inclusive else '>'} {low}" if low is not None else "",
-                  f"< {high}" if high is not None else ""]
+                  f"{'<=' if high_inclusive else '<'} {high}" if high is not None else ""]
         raise ConfigError(f"config key {key!r} = {value!r} must be finite and {' and '.join(b for b in bounds if b)}")
 
 

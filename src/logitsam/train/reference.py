@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .._atomic import atomic_path
 from ..core import sequence_logps
 from ..core.head import shift_labels
+from ..core.weighting import ld_logps
 from ..data import PreferenceCollator
 from ..models import cache_root, forward_hidden, lm_head_of, reference_context, unwrap_model
 
@@ -122,8 +123,11 @@ def consumed_indices(dataloader, *, max_steps: int, num_train_epochs: float, gra
 # ---- the pass ------------------------------------------------------------------------------------
 @torch.no_grad()
 def compute_reference_logps(model, dataset, indices=None, *, pad_token_id: int, batch_size: int = 8,
-                            chunk_size=None, use_adapter_off: bool = False, desc: str = "reference log-probs"):
+                            chunk_size=None, use_adapter_off: bool = False, ld_alpha: float | None = None,
+                            desc: str = "reference log-probs"):
     """Summed log-probs of ``dataset[indices]`` (all rows when None) under ``model``: (n,), (n,).
+
+    With ``ld_alpha`` the sums are LD-DPO's (``core.weighting.ld_logps``), as the loss reads them.
 
     Runs on the device ``model`` sits on; adapters are disabled when ``use_adapter_off``. A NaN
     value is an error here, since NaN marks "not computed" in the cache and the dataset columns.
@@ -139,10 +143,12 @@ def compute_reference_logps(model, dataset, indices=None, *, pad_token_id: int, 
         for start in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch"):
             batch = collate([dataset[i] for i in indices[start:start + batch_size]])
             hidden = forward_hidden(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            out = sequence_logps(hidden, lm_head_of(model), shift_labels(batch["labels"]).to(device),
-                                 chunk_size=chunk_size, with_stats=False)
-            chosen.append(out.chosen_logps.float().cpu())
-            rejected.append(out.rejected_logps.float().cpu())
+            labels = shift_labels(batch["labels"]).to(device)
+            out = sequence_logps(hidden, lm_head_of(model), labels, chunk_size=chunk_size, with_stats=False)
+            logps = out.logps if ld_alpha is None else ld_logps(out.token_logps, labels, ld_alpha)
+            half = logps.shape[0] // 2
+            chosen.append(logps[:half].float().cpu())
+            rejected.append(logps[half:].float().cpu())
     model.train(was_training)
     if not indices:
         return torch.empty(0), torch.empty(0)
@@ -173,8 +179,8 @@ def _is_main_process() -> bool:
 
 
 def cached_reference_logps(model, dataset, indices=None, *, pad_token_id: int, batch_size: int = 8,
-                           chunk_size=None, use_adapter_off: bool = False, cache_dir=None,
-                           desc: str = "reference log-probs"):
+                           chunk_size=None, use_adapter_off: bool = False, ld_alpha: float | None = None,
+                           cache_dir=None, desc: str = "reference log-probs"):
     """Reference log-probs of every row of ``dataset``: (N,), (N,), NaN where not computed.
 
     ``indices`` are this process's rows (None: all); rows missing from the on-disk cache are
@@ -185,6 +191,8 @@ def cached_reference_logps(model, dataset, indices=None, *, pad_token_id: int, b
     key.update(model_identity(model).encode())
     key.update(dataset_fingerprint(dataset).encode())
     key.update(f"{next(model.parameters()).dtype}|{chunk_size}|{use_adapter_off}".encode())
+    if ld_alpha is not None:  # (absent otherwise: the caches written before LD-DPO existed stay valid)
+        key.update(f"|ld_alpha={ld_alpha!r}".encode())
     path = cache_root(cache_dir) / "ref_logps" / f"{key.hexdigest()}.pt"
     n = len(dataset)
     chosen, rejected = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
@@ -203,7 +211,8 @@ def cached_reference_logps(model, dataset, indices=None, *, pad_token_id: int, b
     else:
         logger.info("%s reused from cache %s (%d of %d rows read by this process)", desc, path, len(wanted), n)
     new = compute_reference_logps(model, dataset, missing, pad_token_id=pad_token_id, batch_size=batch_size,
-                                  chunk_size=chunk_size, use_adapter_off=use_adapter_off, desc=desc)
+                                  chunk_size=chunk_size, use_adapter_off=use_adapter_off, ld_alpha=ld_alpha,
+                                  desc=desc)
     rows, new_chosen, new_rejected = _gather(missing, *new)
     if rows:
         chosen[rows], rejected[rows] = new_chosen, new_rejected

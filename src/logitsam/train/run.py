@@ -17,7 +17,14 @@ from .._atomic import write_json as atomic_write_json
 from ..core.head_chunked import DEFAULT_CHUNK_SIZE
 from ..core.losses import requires_reference
 from ..data import PreferenceCollator, build_preference_dataset, train_eval_split
-from ..models import check_linear_head, lm_head_of, load_model, load_reference, load_tokenizer
+from ..models import (
+    check_linear_head,
+    lm_head_of,
+    load_model,
+    load_reference,
+    load_tokenizer,
+    quantization_config,
+)
 from .checkpoints import remove_unfinished_writes, resolve_resume
 from .config import TRAINING_DEFAULTS, ConfigError, TrainConfig, save_config
 from .reference import RequireReference, add_reference_columns, cached_reference_logps, consumed_indices
@@ -93,7 +100,7 @@ def build_datasets(cfg: TrainConfig, tokenizer, seed: int):
         raise ValueError("config key 'dataset_name' is required (a hub id, a local dir, or a JSON/JSONL/Parquet file)")
     common = dict(data_format=cfg.data_format, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                   truncation_mode=cfg.truncation_mode, on_invalid=cfg.on_invalid, chat_rendering=cfg.chat_rendering,
-                  apply_chat_template=cfg.apply_chat_template)
+                  apply_chat_template=cfg.apply_chat_template, num_proc=cfg.dataset_num_proc)
     dataset, report = build_preference_dataset(cfg.dataset_name, tokenizer, split=cfg.dataset_split,
                                                max_samples=cfg.max_samples, **common)
     reports = {"train": report}
@@ -108,7 +115,8 @@ def build_datasets(cfg: TrainConfig, tokenizer, seed: int):
     return dataset, None, reports
 
 
-def attach_reference_logps(trainer: PreferenceTrainer, source, *, use_adapter_off: bool, chunk_size) -> None:
+def attach_reference_logps(trainer: PreferenceTrainer, source, *, use_adapter_off: bool, chunk_size,
+                           batch_size: int | None = None, ld_alpha: float | None = None) -> None:
     """Precompute the reference log-probs of the rows the run reads and add them to the trainer's datasets.
 
     Train: the rows the Trainer's own sampler hands this process in the run's optimizer steps
@@ -117,18 +125,20 @@ def attach_reference_logps(trainer: PreferenceTrainer, source, *, use_adapter_of
     (``RequireReference`` stops a batch that reads one).
     """
     args = trainer.args
-    kw = dict(pad_token_id=trainer.processing_class.pad_token_id, batch_size=args.per_device_eval_batch_size,
-              chunk_size=chunk_size, use_adapter_off=use_adapter_off)
+    kw = dict(pad_token_id=trainer.processing_class.pad_token_id, chunk_size=chunk_size,
+              use_adapter_off=use_adapter_off, ld_alpha=ld_alpha)
     rows = consumed_indices(trainer.get_train_dataloader(), max_steps=args.max_steps,
                             num_train_epochs=args.num_train_epochs, grad_accum=args.gradient_accumulation_steps)
     if rows is None:
         logger.info("the train sampler's order cannot be replayed: reference log-probs for every train row")
+    # TRL's batch sizes: precompute_ref_batch_size, else the train / eval micro-batch
     trainer.train_dataset = add_reference_columns(trainer.train_dataset, *cached_reference_logps(
-        source, trainer.train_dataset, rows, **kw))
+        source, trainer.train_dataset, rows, batch_size=batch_size or args.per_device_train_batch_size, **kw))
     if trainer.eval_dataset is not None:
         share = range(args.process_index, len(trainer.eval_dataset), args.world_size)
         trainer.eval_dataset = add_reference_columns(trainer.eval_dataset, *cached_reference_logps(
-            source, trainer.eval_dataset, share, desc="reference log-probs (eval)", **kw))
+            source, trainer.eval_dataset, share, desc="reference log-probs (eval)",
+            batch_size=batch_size or args.per_device_eval_batch_size, **kw))
 
 
 def save_final_model(trainer: PreferenceTrainer, tokenizer, out_dir: Path) -> None:
@@ -156,6 +166,48 @@ def warn_one_of_many(world_size: int) -> None:
                        "--mpirun_hostfile, or --multi_gpu --num_processes N with the training key use_cpu: true")
 
 
+def model_init_kwargs(cfg: TrainConfig) -> dict:
+    """``from_pretrained`` arguments beyond dtype: TRL's ``model_init_kwargs``, then the model keys over them."""
+    kwargs = dict(cfg.model_init_kwargs or {})
+    if cfg.model_revision != "main":
+        kwargs["revision"] = cfg.model_revision
+    if cfg.attn_implementation is not None:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        kwargs["quantization_config"] = quantization_config(bits=4 if cfg.load_in_4bit else 8,
+                                                            quant_type=cfg.bnb_4bit_quant_type,
+                                                            nested=cfg.use_bnb_nested_quant)
+    return kwargs
+
+
+def load_policy(cfg: TrainConfig):
+    """(tokenizer, model): the policy in train mode, with LoRA / DoRA / rsLoRA / QLoRA as configured."""
+    tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
+                               revision=None if cfg.model_revision == "main" else cfg.model_revision)
+    lora = None
+    if cfg.use_peft:
+        lora = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                "target_modules": cfg.lora_target_modules, "use_dora": cfg.use_dora, "use_rslora": cfg.use_rslora}
+    model = load_model(cfg.model_name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                       gradient_checkpointing=bool(cfg.training_args.get("gradient_checkpointing", False)),
+                       lora=lora, init_kwargs=model_init_kwargs(cfg))
+    model.train()
+    return tokenizer, model
+
+
+def head_chunking(cfg: TrainConfig, args, head_weight) -> int | None:
+    """``sam_chunk_size`` resolved for this run's micro-batches, logged with the arithmetic behind it."""
+    # the dense head's logits are (2 x batch x length, V) for a train or eval micro-batch
+    tokens = 2 * max(args.per_device_train_batch_size, args.per_device_eval_batch_size) * cfg.max_length
+    vocab = getattr(head_weight, "ds_shape", head_weight.shape)[0]  # ZeRO-3 partitions at load: ds_shape is real
+    chunk_size = resolve_chunk_size(cfg.sam_chunk_size, tokens=tokens, vocab_size=vocab,
+                                    budget_bytes=LOGITS_BUDGET_BYTES)
+    logger.info("LM head: %s (sam_chunk_size=%s; fp32 logits of one micro-batch: %d tokens x V=%d = %.2f GiB, "
+                "budget %.2f GiB)", "dense" if chunk_size is None else f"chunked, {chunk_size} tokens per chunk",
+                cfg.sam_chunk_size, tokens, vocab, tokens * vocab * 4 / 2**30, LOGITS_BUDGET_BYTES / 2**30)
+    return chunk_size
+
+
 def run_training(cfg: TrainConfig) -> dict:
     """Train and save; returns the final metrics and where things are."""
     args = build_training_args(cfg)
@@ -168,21 +220,13 @@ def run_training(cfg: TrainConfig) -> dict:
         save_config(cfg, out_dir / "logitsam_config.yaml")
     torch.manual_seed(args.seed)
 
-    tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    lora = None
-    if cfg.use_peft:
-        lora = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                "target_modules": cfg.lora_target_modules}
-    model = load_model(cfg.model_name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                       gradient_checkpointing=bool(cfg.training_args.get("gradient_checkpointing", False)),
-                       lora=lora)
-    model.train()
+    tokenizer, model = load_policy(cfg)
     train_ds, eval_ds, reports = build_datasets(cfg, tokenizer, seed=args.data_seed or args.seed)
 
     needs_ref = requires_reference(cfg.loss_type)
     precompute = needs_ref and cfg.precompute_ref_log_probs
     ref_adapter_off = needs_ref and cfg.use_peft and not cfg.ref_model_name_or_path
-    collator = PreferenceCollator(tokenizer.pad_token_id)
+    collator = PreferenceCollator(tokenizer.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of)
     # logitsam's log-probs are hidden @ W^T: refuse a soft-capped or scaled head on a few real rows, once
     first = collator([train_ds[i] for i in range(min(2, len(train_ds)))])
     head_weight = lm_head_of(model).weight
@@ -195,15 +239,7 @@ def run_training(cfg: TrainConfig) -> dict:
         ref_model = load_reference(model, ref_path, trust_remote_code=cfg.trust_remote_code, device=args.device)
         if cfg.ref_model_name_or_path and not zero3:  # while unsharded: PreferenceTrainer shards it under FSDP2
             check_linear_head(ref_model, first["input_ids"], first["attention_mask"], name=cfg.ref_model_name_or_path)
-
-    # the dense head's logits are (2 x batch x length, V) for a train or eval micro-batch
-    tokens = 2 * max(args.per_device_train_batch_size, args.per_device_eval_batch_size) * cfg.max_length
-    vocab = getattr(head_weight, "ds_shape", head_weight.shape)[0]  # ZeRO-3 partitions at load: ds_shape is real
-    chunk_size = resolve_chunk_size(cfg.sam_chunk_size, tokens=tokens, vocab_size=vocab,
-                                    budget_bytes=LOGITS_BUDGET_BYTES)
-    logger.info("LM head: %s (sam_chunk_size=%s; fp32 logits of one micro-batch: %d tokens x V=%d = %.2f GiB, "
-                "budget %.2f GiB)", "dense" if chunk_size is None else f"chunked, {chunk_size} tokens per chunk",
-                cfg.sam_chunk_size, tokens, vocab, tokens * vocab * 4 / 2**30, LOGITS_BUDGET_BYTES / 2**30)
+    chunk_size = head_chunking(cfg, args, head_weight)
 
     trainer = PreferenceTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -212,8 +248,11 @@ def run_training(cfg: TrainConfig) -> dict:
         sam_norm=cfg.sam_norm, sam_variant=cfg.sam_variant,
         chunk_size=chunk_size, vocab_chunk_size=cfg.sam_vocab_chunk_size,
         ref_model=None if precompute else ref_model, ref_adapter_off=ref_adapter_off and not precompute,
-        ref_is_initial_policy=cfg.ref_model_name_or_path is None,
-        on_nonfinite=cfg.on_nonfinite, callbacks=[MetricsJsonlCallback(out_dir), cost := CostCallback()],
+        ref_is_initial_policy=cfg.ref_model_name_or_path is None, on_nonfinite=cfg.on_nonfinite,
+        ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, disable_dropout=cfg.disable_dropout,
+        router_aux_loss_coef=cfg.router_aux_loss_coef, sync_ref_model=cfg.sync_ref_model,
+        ref_model_mixup_alpha=cfg.ref_model_mixup_alpha, ref_model_sync_steps=cfg.ref_model_sync_steps,
+        callbacks=[MetricsJsonlCallback(out_dir), cost := CostCallback()],
     )
     if zero3:
         logger.warning("DeepSpeed ZeRO-3: the numeric head check and the reference precompute need a forward "
@@ -227,9 +266,15 @@ def run_training(cfg: TrainConfig) -> dict:
     if precompute:
         # after Trainer placed the policy: the pass runs where training will
         attach_reference_logps(trainer, trainer.model if ref_adapter_off else ref_model,
-                               use_adapter_off=ref_adapter_off, chunk_size=chunk_size)
+                               use_adapter_off=ref_adapter_off, chunk_size=chunk_size,
+                               batch_size=cfg.precompute_ref_batch_size, ld_alpha=cfg.ld_alpha)
         del ref_model  # the values ride in the datasets; free the model
     result = trainer.train(resume_from_checkpoint=resume)
+    return finish_run(trainer, tokenizer, model, out_dir, eval_ds, result, cost, reports, cfg, args)
+
+
+def finish_run(trainer, tokenizer, model, out_dir: Path, eval_ds, result, cost, reports, cfg, args) -> dict:
+    """Final evaluation, the saved model and run_info.json; the summary ``run_training`` returns."""
     final_metrics = dict(result.metrics)
     if eval_ds is not None:
         final_metrics.update(trainer.evaluate())

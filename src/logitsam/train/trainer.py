@@ -31,8 +31,9 @@ from .._memory import peak_rss_bytes
 from ..core import FullSAM, first_order_ratio, logits_sam, sequence_logps
 from ..core.head import HALF_DTYPES, shift_labels
 from ..core.losses import preference_loss, requires_reference
+from ..core.weighting import ld_logps, wpo_weights
 from ..diagnostics.squeeze import dpo_metrics, squeeze_metrics
-from ..models import reference_context
+from ..models import reference_context, unwrap_model
 from ._inside import head_inside_forward
 from .checkpoints import rotate_checkpoints
 from .config import ConfigError
@@ -66,6 +67,35 @@ def unmastered_half_params(model, args) -> tuple[int, torch.dtype | None]:
     return sum(p.numel() for p in half), (half[0].dtype if half else None)
 
 
+# float attributes that attention modules apply as functional dropout (Llama/Qwen/Mistral: ``attention_dropout``)
+FUNCTIONAL_DROPOUT = ("attention_dropout", "attn_dropout_p", "dropout_p")
+
+
+def disable_dropout_in_model(model) -> None:
+    """Dropout off (``disable_dropout``): the log-probs become a function of the weights, the same in the clean
+    and the perturbed pass. TRL 1.16 sets every ``nn.Dropout`` to p = 0; Llama-family attention applies its
+    dropout functionally from the module's ``attention_dropout``, which TRL leaves on: zeroed here too."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in FUNCTIONAL_DROPOUT:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def router_coefficient(model, coef: float | None) -> float:
+    """The MoE load-balancing loss weight (TRL 1.16): ``coef``, else the model config's own, 0 for a dense model."""
+    config = unwrap_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    moe = hasattr(config, "output_router_logits")
+    if coef and not moe:
+        raise ConfigError(f"config key 'router_aux_loss_coef' = {coef} needs a mixture-of-experts model that returns "
+                          f"router logits; {type(unwrap_model(model)).__name__} has none")
+    if not moe:
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef)
+
+
 class PreferenceTrainer(Trainer):
     """Trainer for preference pairs (chosen rows first, then rejected) with an optional SAM mode.
 
@@ -81,10 +111,18 @@ class PreferenceTrainer(Trainer):
 
     def __init__(self, *args, loss_type="sigmoid", beta=0.1, loss_params=None, sam="none", sam_rho=1e-4,
                  sam_norm="local", sam_variant="plain", chunk_size=None, vocab_chunk_size=8192,
-                 ref_model=None, ref_adapter_off=False, ref_is_initial_policy=True, on_nonfinite="stop", **kwargs):
+                 ref_model=None, ref_adapter_off=False, ref_is_initial_policy=True, on_nonfinite="stop",
+                 ld_alpha=None, use_weighting=False, disable_dropout=True, router_aux_loss_coef=None,
+                 sync_ref_model=False, ref_model_mixup_alpha=0.6, ref_model_sync_steps=512, **kwargs):
         super().__init__(*args, **kwargs)
         self._check_sharding(sam)
         self.loss_type, self.beta, self.loss_params = loss_type, beta, dict(loss_params or {})
+        self.ld_alpha, self.use_weighting = ld_alpha, use_weighting
+        if disable_dropout:  # TRL 1.16's default: deterministic log-probs in the clean and perturbed passes alike
+            for m in (self.model, ref_model):
+                if m is not None:
+                    disable_dropout_in_model(m)
+        self.router_aux_loss_coef = router_coefficient(self.model, router_aux_loss_coef)
         self.sam, self.sam_rho, self.sam_norm = sam, sam_rho, sam_norm
         self.sam_variant = sam_variant
         self.chunks = {"chunk_size": chunk_size, "vocab_chunk_size": vocab_chunk_size}
@@ -103,6 +141,14 @@ class PreferenceTrainer(Trainer):
         self._check_master_weights()
         if on_nonfinite == "skip":
             self.add_callback(_SkipPoisonedStep(self))
+        if sync_ref_model:
+            if self.ref_model is None:
+                raise ConfigError("config key 'sync_ref_model' = true needs a separate reference model updated from "
+                                  "the policy; this run has none (precomputed log-probs, a reference-free loss or "
+                                  "PEFT's adapters-off reference)")
+            self.ref_is_initial_policy = False  # after the first update "vs reference" is no longer "vs step 0"
+            self.add_callback(SyncReferenceCallback(self, ref_model_mixup_alpha, ref_model_sync_steps))
+        self.sync_ref_model = sync_ref_model
         logger.info("sam=%s rho=%g norm=%s variant=%s head=%s", sam, sam_rho, sam_norm, sam_variant,
                     "dense" if chunk_size is None else f"chunked({chunk_size})")
 
@@ -178,7 +224,7 @@ class PreferenceTrainer(Trainer):
             raise ValueError("loss needs reference log-probs, but no reference model or precomputed values exist")
 
         def head_pass(hidden, head):  # inside the model's forward, where a sharded head is gathered
-            return sequence_logps(hidden, head, labels, with_stats=False, **self.chunks).logps  # (2B,)
+            return self._logps(sequence_logps(hidden, head, labels, with_stats=False, **self.chunks), labels)  # (2B,)
 
         with ctx:
             logps = head_inside_forward(model, inputs["input_ids"], inputs["attention_mask"], head_pass).detach()
@@ -186,14 +232,26 @@ class PreferenceTrainer(Trainer):
         return logps[:n], logps[n:]
 
     # ---- one micro-batch ---------------------------------------------------------------------
-    def _loss_fn(self, ref_chosen, ref_rejected, keep):
+    def _logps(self, out, labels):
+        """Per-row log-probs the loss reads: the plain sums, or LD-DPO's (``ld_alpha``)."""
+        return out.logps if self.ld_alpha is None else ld_logps(out.token_logps, labels, self.ld_alpha)
+
+    def _loss_fn(self, ref_chosen, ref_rejected, labels, keep):
+        """The loss of one head pass. The clean and the perturbed pass both call it: LD-DPO's sums and WPO's
+        weights enter both; the weights are those of the first pass with statistics (the clean one)."""
         def loss_fn(out):
+            logps = self._logps(out, labels)
+            n = logps.shape[0] // 2
             losses, chosen_rewards, rejected_rewards = preference_loss(
-                self.loss_type, out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected,
+                self.loss_type, logps[:n], logps[n:], ref_chosen, ref_rejected,
                 beta=self.beta, chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths,
                 **self.loss_params,
             )
-            keep.append((chosen_rewards.detach(), rejected_rewards.detach()))
+            if self.use_weighting:
+                if "wpo" not in keep:
+                    keep["wpo"] = wpo_weights(out)
+                losses = losses * keep["wpo"].to(losses.dtype)
+            keep.setdefault("rewards", (chosen_rewards.detach(), rejected_rewards.detach()))
             return losses.mean()
 
         return loss_fn
@@ -201,8 +259,8 @@ class PreferenceTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = shift_labels(inputs["labels"])  # (2B, T): the token each position predicts
         ref_chosen, ref_rejected = self._reference_logps(inputs, labels)
-        rewards: list = []
-        loss_fn = self._loss_fn(ref_chosen, ref_rejected, rewards)
+        kept: dict = {}  # the clean pass's rewards and WPO weights
+        loss_fn = self._loss_fn(ref_chosen, ref_rejected, labels, kept)
         sam = self.sam == "logits" and model.training
         side = {}  # the clean pass's detached HeadOutput and the SAM statistics, out of the forward
 
@@ -217,8 +275,12 @@ class PreferenceTrainer(Trainer):
             return loss_fn(out)
 
         # backbone and the whole head computation inside the outermost wrapper's forward (see _inside.py)
-        loss = head_inside_forward(model, inputs["input_ids"], inputs["attention_mask"], head_pass)
+        aux = {} if self.router_aux_loss_coef else None
+        loss = head_inside_forward(model, inputs["input_ids"], inputs["attention_mask"], head_pass, aux=aux)
         out, sam_stats = side["out"], {}
+        if aux:  # MoE: the routers' load-balancing loss, added once (it does not depend on the head)
+            loss = loss + self.router_aux_loss_coef * aux["aux_loss"].to(loss.dtype)
+            sam_stats["aux_loss"] = float(aux["aux_loss"].detach())
         if sam:
             stats = side["stats"]
             stats["first_order_ratio"] = self._check_ratio(stats)
@@ -226,12 +288,26 @@ class PreferenceTrainer(Trainer):
         mode = "train" if model.training else "eval"
         finite = bool(torch.isfinite(loss.detach()))
         if self._record:  # on every rank, finite or not: the metrics gather is a collective
-            chosen_rewards, rejected_rewards = rewards[0]  # clean-pass rewards
+            chosen_rewards, rejected_rewards = kept["rewards"]  # clean-pass rewards
+            if "wpo" in kept:
+                sam_stats["wpo/weight"] = float(kept["wpo"].mean())
+            if mode == "train":
+                self._count_tokens(inputs)
             self._log_metrics(mode, out.detach(), chosen_rewards, rejected_rewards, ref_chosen, ref_rejected,
                               inputs, sam_stats, poisoned=not finite)
         if not finite:
             loss = self._handle_nonfinite(loss, model)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
+
+    def _count_tokens(self, inputs) -> None:
+        """TRL's ``num_tokens``: non-padding tokens trained on so far, over all ranks, kept in the Trainer's state
+        (``num_input_tokens_seen``, so resume continues it). Trainer counts instead when asked to
+        (``include_num_input_tokens_seen``)."""
+        if self.args.include_num_input_tokens_seen != "no" or not self._record:
+            return
+        local = inputs["attention_mask"].sum().reshape(1)
+        total = self.accelerator.gather(local).sum() if self.accelerator.num_processes > 1 else local.sum()
+        self.state.num_input_tokens_seen += int(total)
 
     def _check_ratio(self, stats) -> float:
         """``sam/first_order_ratio``, with one clear warning per run when it leaves ``RATIO_BAND``."""
@@ -348,6 +424,7 @@ class PreferenceTrainer(Trainer):
             if values:
                 logs[prefix + key] = sum(values) / len(values)
         self._metrics[mode].clear()
+        logs[prefix + "num_tokens"] = float(self.state.num_input_tokens_seen)  # TRL's: the running total
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -376,6 +453,8 @@ class PreferenceTrainer(Trainer):
         self._checkpoint_run_dir = str(staged.parent)  # Trainer writes <run dir>/checkpoint-N: the staged one
         try:
             super()._save_checkpoint(model, trial)
+            if self.sync_ref_model:
+                self._save_reference(staged)
         finally:
             self._checkpoint_run_dir = None
         if self.state.best_model_checkpoint == str(staged):
@@ -387,6 +466,45 @@ class PreferenceTrainer(Trainer):
             commit_dir(staged, final)
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()  # no rank goes on before checkpoint-N exists
+
+    def _save_reference(self, folder: Path) -> None:
+        """TR-DPO's reference as it stands, so resume continues with it (a full copy, written by the main process)."""
+        from safetensors.torch import save_file
+
+        ref = self.ref_model
+        if type(ref).__name__ == "DeepSpeedEngine":
+            logger.warning("sync_ref_model under DeepSpeed: the updated reference is not saved with the checkpoint; "
+                           "a resumed run starts its reference again from the initial policy")
+            return
+        if self.is_fsdp_enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(ref, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            state = {k: v.detach().cpu() for k, v in ref.state_dict().items()}
+        if self.args.should_save:
+            unique, seen = {}, set()
+            for k, v in state.items():  # tied weights: one copy
+                if v.data_ptr() not in seen:
+                    seen.add(v.data_ptr())
+                    unique[k] = v.contiguous()
+            save_file(unique, str(folder / REFERENCE_STATE_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / REFERENCE_STATE_NAME
+        if self.sync_ref_model and path.exists() and type(self.ref_model).__name__ != "DeepSpeedEngine":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+            if self.is_fsdp_enabled:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                set_model_state_dict(self.ref_model, state, options=StateDictOptions(full_state_dict=True,
+                                                                                     strict=False))
+            else:
+                self.ref_model.load_state_dict(state, strict=False)  # tied copies are filled by the tie
+            logger.info("TR-DPO: reference restored from %s", path)
 
     def _get_output_dir(self, trial):
         return self._checkpoint_run_dir or super()._get_output_dir(trial)
@@ -447,6 +565,51 @@ class _SkipPoisonedStep(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._agree_on_skip()
+
+
+REFERENCE_STATE_NAME = "reference_model.safetensors"  # TR-DPO: the moving reference, saved with each checkpoint
+
+
+def sync_reference(policy, reference, alpha: float) -> None:
+    """TR-DPO's soft update ``ref <- (1 - alpha) ref + alpha policy``, parameter by parameter (paired by name).
+
+    Unsharded and FSDP2 (both models sharded in the same layout: each rank mixes its own shard) run on every
+    rank; under DeepSpeed ZeRO-3 both are gathered and rank 0 writes, as TRL 1.16's ``SyncRefModelCallback``.
+    """
+    policy = unwrap_model(policy)
+    ref_module = reference.module if type(reference).__name__ == "DeepSpeedEngine" else reference
+    ref = dict(unwrap_model(ref_module).named_parameters())
+    pairs = [(ref[name], p) for name, p in policy.named_parameters() if name in ref]
+    if len(pairs) != len(ref):
+        missing = sorted(set(ref) - {n for n, _ in policy.named_parameters()})[:3]
+        raise ValueError(f"sync_ref_model: the reference has parameters the policy lacks: {missing}")
+
+    def mix():
+        with torch.no_grad():
+            for target, source in pairs:
+                target.data.mul_(1.0 - alpha).add_(source.data.to(target.dtype), alpha=alpha)
+
+    if any(hasattr(t, "ds_id") for t, _ in pairs):
+        import deepspeed
+
+        params = [t for t, _ in pairs] + [s for _, s in pairs]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if deepspeed.comm.get_rank() == 0:
+                mix()
+    else:
+        mix()
+
+
+class SyncReferenceCallback(TrainerCallback):
+    """TR-DPO (Gorbatovski et al., "Learn Your Reference Model for Real Good Alignment", arXiv:2404.09656, the
+    soft update of Eq. 5): every ``ref_model_sync_steps`` optimizer steps, mix the policy into the reference."""
+
+    def __init__(self, trainer, alpha: float, every: int):
+        self.trainer, self.alpha, self.every = trainer, alpha, every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            sync_reference(self.trainer.model, self.trainer.ref_model, self.alpha)
 
 
 class CostCallback(TrainerCallback):
