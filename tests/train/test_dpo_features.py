@@ -346,3 +346,11 @@ def test_quantized_loading_without_bitsandbytes_is_one_clear_error():
 def test_model_init_kwargs_bad_json():
     with pytest.raises(ConfigError, match="'model_init_kwargs' = .* is not valid JSON"):
         TrainConfig(dataset_name="x", model_init_kwargs="{attn: eager}")
+
+
+def test_config_names_the_loss_layers_f_divergences():
+    """config.py keeps its own tuple (it imports no torch at module level); it must be the loss layer's."""
+    from logitsam.core.losses import F_DIVERGENCES
+    from logitsam.train import config
+
+    assert config.F_DIVERGENCES == F_DIVERGENCES

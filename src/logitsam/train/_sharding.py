@@ -1,0 +1,105 @@
+"""Weights across wrappers: what the trainer does to every parameter of a policy or reference, whether it is
+plain, wrapped by DDP, sharded by FSDP2 (``DTensor``) or partitioned by DeepSpeed ZeRO-3.
+
+Kept apart from ``trainer.py`` (the training step); each function works on the outermost module it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..models import unwrap_model
+
+# float attributes that attention modules apply as functional dropout (Llama/Qwen/Mistral: ``attention_dropout``)
+FUNCTIONAL_DROPOUT = ("attention_dropout", "attn_dropout_p", "dropout_p")
+
+
+def disable_dropout_in_model(model) -> None:
+    """Dropout off (``disable_dropout``): the log-probs become a function of the weights, the same in the clean
+    and the perturbed pass. TRL 1.16 sets every ``nn.Dropout`` to p = 0; Llama-family attention applies its
+    dropout functionally from the module's ``attention_dropout``, which TRL leaves on: zeroed here too."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in FUNCTIONAL_DROPOUT:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def deepspeed_inference_engine(model, accelerator):
+    """``model`` (frozen) inside a DeepSpeed engine without optimizer, as TRL's ``prepare_deepspeed`` builds it.
+
+    ZeRO-3: the engine's forward gathers the partitions ``zero.Init`` made at load; sizes the run's config leaves
+    at "auto" get TRL's values from the hidden size d (the user's own values are kept, e.g. a persistence
+    threshold of 0). ZeRO-1/2 shard only optimizer state and gradients, which a frozen model has none of: stage 0.
+    """
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):  # training-only blocks: no optimizer to attach them to
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    if zero.get("stage", 0) != 3:
+        zero["stage"] = 0
+    else:
+        d = max(getattr(model.config, "hidden_sizes", None) or [model.config.hidden_size])
+        for key, value in (("reduce_bucket_size", d * d), ("stage3_param_persistence_threshold", 10 * d),
+                           ("stage3_prefetch_bucket_size", int(0.9 * d * d))):
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    return engine
+
+
+def _local_values(p: torch.Tensor) -> torch.Tensor:
+    """This rank's own values of a parameter: the local shard of an FSDP2 DTensor, a ZeRO-3 partition."""
+    if hasattr(p, "ds_tensor"):  # DeepSpeed ZeRO-3: the parameter itself is an empty placeholder
+        return p.ds_tensor
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def nonfinite_parameters(model, accelerator) -> list[str]:
+    """Names of parameters holding a non-finite value on *any* rank (one all-reduce of per-parameter flags).
+
+    Under sharding each rank sees only its shard, so a local check alone would let one rank raise while the
+    others enter the collective save and wait forever.
+    """
+    named = list(model.named_parameters())
+    flags = torch.tensor([float(not torch.isfinite(_local_values(p).detach()).all()) for _, p in named],
+                         device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    return [n for (n, _), f in zip(named, flags.tolist(), strict=True) if f > 0]
+
+
+def sync_reference(policy, reference, alpha: float) -> None:
+    """TR-DPO's soft update ``ref <- (1 - alpha) ref + alpha policy``, parameter by parameter (paired by name).
+
+    Unsharded and FSDP2 (both models sharded in the same layout: each rank mixes its own shard) run on every
+    rank; under DeepSpeed ZeRO-3 both are gathered and rank 0 writes, as TRL 1.16's ``SyncRefModelCallback``.
+    """
+    policy = unwrap_model(policy)
+    ref_module = reference.module if type(reference).__name__ == "DeepSpeedEngine" else reference
+    ref = dict(unwrap_model(ref_module).named_parameters())
+    pairs = [(ref[name], p) for name, p in policy.named_parameters() if name in ref]
+    if len(pairs) != len(ref):
+        missing = sorted(set(ref) - {n for n, _ in policy.named_parameters()})[:3]
+        raise ValueError(f"sync_ref_model: the reference has parameters the policy lacks: {missing}")
+
+    def mix():
+        with torch.no_grad():
+            for target, source in pairs:
+                target.data.mul_(1.0 - alpha).add_(source.data.to(target.dtype), alpha=alpha)
+
+    if any(hasattr(t, "ds_id") for t, _ in pairs):
+        import deepspeed
+
+        params = [t for t, _ in pairs] + [s for _, s in pairs]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if deepspeed.comm.get_rank() == 0:
+                mix()
+    else:
+        mix()
