@@ -519,10 +519,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     like ``on_nonfinite: stop``), not a bug in logitsam."""
     from .data import DataError
     from .models import ModelError
+    from .study.runner import StudyCommitError
     from .train.config import ConfigError
     from .train.trainer import NonFiniteLossError
 
-    return ConfigError, DataError, ModelError, NonFiniteLossError
+    return ConfigError, DataError, ModelError, NonFiniteLossError, StudyCommitError
 
 
 def main(argv: list[str] | None = None) -> None:

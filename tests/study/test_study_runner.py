@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from fake_study import FakeRunner, recipe, write_recipe
@@ -125,3 +126,31 @@ def test_cli_errors_are_one_line(study, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["study", "--config", str(tmp_path / "missing.yaml")])
     assert "not found" in capsys.readouterr().err
+
+
+def _git(cwd, *args):
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_commit_of_an_ignored_run_is_one_clear_error(tmp_path):
+    """A ``runs/`` pattern in .gitignore also matches ``docs/study/<name>/runs/``: the study must say so, once."""
+    from logitsam.study.runner import StudyCommitError, git_commit
+
+    if _git(tmp_path, "init", "-q").returncode != 0:
+        pytest.skip("git is not available")
+    (tmp_path / ".gitignore").write_text("runs/\n")
+    run = tmp_path / "docs" / "study" / "s" / "runs" / "rho0_seed1"
+    run.mkdir(parents=True)
+    (run / "run_info.json").write_text("{}")
+    with pytest.raises(StudyCommitError, match=r"`git add --` failed for docs/study/s/runs/rho0_seed1/run_info.json"
+                                               r".*ignored.*commit them by hand"):
+        git_commit([run / "run_info.json"], "study s: rho0_seed1")
+
+
+def test_this_repository_commits_study_runs():
+    """The project's own .gitignore keeps weights out (top-level runs/) but lets study results in."""
+    root = Path(__file__).resolve().parents[2]
+    if _git(root, "rev-parse", "--show-toplevel").returncode != 0:
+        pytest.skip("not a git checkout")
+    assert _git(root, "check-ignore", "-q", "docs/study/sentiment/runs/rho0_seed1/metrics.jsonl").returncode == 1
+    assert _git(root, "check-ignore", "-q", "runs/study/sentiment/rho0_seed1/model.safetensors").returncode == 0

@@ -127,18 +127,25 @@ def _collect(run: RunSpec, work: Path, final: Path) -> None:
         atomic_write_json(staged / RUN_RECORD, record, indent=2, default=str)
 
 
+class StudyCommitError(RuntimeError):
+    """``--commit`` could not commit a finished run's files (they stay in place; the next call skips the run)."""
+
+
 def git_commit(paths: list[Path], message: str) -> None:
     """``git add`` and ``git commit`` of exactly these paths (other staged changes stay staged, uncommitted)."""
     top = subprocess.run(["git", "-C", str(paths[0].parent), "rev-parse", "--show-toplevel"], capture_output=True,
                          text=True)
     if top.returncode != 0:
-        raise RuntimeError(f"--commit: {paths[0]} is not inside a git repository ({top.stderr.strip()})")
+        raise StudyCommitError(f"--commit: {paths[0]} is not inside a git repository ({top.stderr.strip()})")
     root = Path(top.stdout.strip())
     names = [str(p.resolve().relative_to(root.resolve())) for p in paths if p.exists()]
     for cmd in (["git", "add", "--", *names], ["git", "commit", "-q", "-m", message, "--", *names]):
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:3])} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+            detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+            raise StudyCommitError(f"--commit: `{' '.join(cmd[:3])}` failed for {names[0]}: "
+                                   f"{' '.join(detail[:2])} (the run's files are kept there; commit them by hand, "
+                                   "and the next call skips the run)")
 
 
 def select(plan: StudyPlan, only: list[str] | None) -> list[RunSpec]:
