@@ -354,3 +354,34 @@ def test_config_names_the_loss_layers_f_divergences():
     from logitsam.train import config
 
     assert config.F_DIVERGENCES == F_DIVERGENCES
+
+
+def test_precompute_ref_batch_size_reaches_the_reference_pass(tiny_model_dir, pairs_file, tmp_path, cache,
+                                                             monkeypatch):
+    import logitsam.train.run as run
+
+    sizes = []
+    orig = run.cached_reference_logps
+
+    def spy(*args, **kw):
+        sizes.append(kw["batch_size"])
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(run, "cached_reference_logps", spy)
+    run_training(config(tiny_model_dir, pairs_file, tmp_path / "a", cache, sam="none", max_steps=1,
+                        precompute_ref_batch_size=3))
+    run_training(config(tiny_model_dir, pairs_file, tmp_path / "b", cache, sam="none", max_steps=1,
+                        per_device_train_batch_size=2, per_device_eval_batch_size=5))
+    assert sizes == [3, 3, 2, 5]  # (train, eval) each run: the key, else TRL's train / eval micro-batch
+
+
+def test_ld_dpo_precomputed_reference_equals_the_live_one(tiny_model_dir, pairs_file, tmp_path, cache):
+    """The cached reference pass applies ld_alpha as the live reference does (and does not reuse plain sums)."""
+    common = dict(sam="logits", max_steps=2, optim="sgd", learning_rate=0.5, ld_alpha=0.3)
+    run_training(config(tiny_model_dir, pairs_file, tmp_path / "plain", cache, sam="none", max_steps=1))  # fills
+    run_training(config(tiny_model_dir, pairs_file, tmp_path / "pre", cache, **common))  # the cache, plain sums
+    run_training(config(tiny_model_dir, pairs_file, tmp_path / "live", cache, precompute_ref_log_probs=False,
+                        **common))
+    a, b = final_weights(tmp_path / "pre"), final_weights(tmp_path / "live")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
