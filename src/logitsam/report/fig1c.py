@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._atomic import atomic_path
 from .runs import load_run
 
 CURVES = (
@@ -38,6 +37,8 @@ def plot_fig1c(run_dirs: dict[str, str | Path], path: str | Path, *, title: str)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import save_logprob_panels
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     summary = {}
     for name, run_dir in run_dirs.items():
@@ -47,18 +48,9 @@ def plot_fig1c(run_dirs: dict[str, str | Path], path: str | Path, *, title: str)
             steps, values = data[key]
             ax.plot(steps, values, marker="o", ms=2, label=name)
             ax.set_title(label)
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel("mean log-prob per token (nats)")
             if values:
                 summary[name][key] = {"first": values[0], "last": values[-1], "change": values[-1] - values[0]}
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.text(0.5, 0.005, "Per-token log-probs on a fixed held-out set (unperturbed head) every few steps; "
-             "squeezing shows as log p(y*) rising while log p(y+) falls.", ha="center", fontsize=9)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_logprob_panels(fig, axes, path, title=title, caption="Per-token log-probs on a fixed held-out set "
+                        "(unperturbed head) every few steps; squeezing shows as log p(y*) rising while log p(y+) "
+                        "falls.")
     return summary

@@ -23,6 +23,23 @@ from logitsam.report.tables import Sweep  # noqa: E402
 Groups = dict[str, list[Run]]
 
 
+def save_logprob_panels(fig, axes, path: str | Path, *, title: str, caption: str) -> None:
+    """Finish a row of per-token log-prob panels (the Fig. 1c analogues): axis labels, grid, legends, title,
+    caption under the panels; written atomically, then closed."""
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("mean log-prob per token (nats)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.text(0.5, 0.005, caption, ha="center", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
 def variant_colors(groups: Groups) -> dict[str, str]:
     return {name: f"C{i % 10}" for i, name in enumerate(groups)}
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import yaml
 
-from .._atomic import atomic_path
 from .._atomic import write_json as atomic_write_json
 from .._atomic import write_text as atomic_write_text
 from ..report.fig1c import CURVES
@@ -181,6 +180,8 @@ def plot_bands(runs: list[tuple[dict, Run]], rhos: list[float], path: Path, *, t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..report.plots import save_logprob_panels
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     out = {}
     for rho in rhos:
@@ -198,19 +199,9 @@ def plot_bands(runs: list[tuple[dict, Run]], rhos: list[float], path: Path, *, t
                                 alpha=0.2, linewidth=0)
             ax.set_title(panel)
             out[rho_tag(rho)][key] = {"first": means[0], "last": means[-1], "change": means[-1] - means[0]}
-    for ax in axes:
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("mean log-prob per token (nats)")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.text(0.5, 0.005, "Fixed held-out pairs, unperturbed head, every eval_steps; line: mean over seeds, band: "
-             "95 % t-interval. Squeezing shows as log p(y*) rising while log p(y+) falls.", ha="center", fontsize=9)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_logprob_panels(fig, axes, path, title=title, caption="Fixed held-out pairs, unperturbed head, every "
+                        "eval_steps; line: mean over seeds, band: 95 % t-interval. Squeezing shows as log p(y*) "
+                        "rising while log p(y+) falls.")
     return out
 
 
