@@ -186,7 +186,8 @@ def plot_bands(runs: list[tuple[dict, Run]], rhos: list[float], path: Path, *, t
     out = {}
     for rho in rhos:
         members = [run for record, run in runs if record["cell"] == MAIN and float(record["rho"]) == rho]
-        label = f"{'DPO (rho 0)' if rho == 0 else f'logits-SAM rho {rho_tag(rho)}'}, {len(members)} seed{'s' if len(members) != 1 else ''}"
+        seeds = f"{len(members)} seed" + ("s" if len(members) != 1 else "")
+        label = f"{'DPO (rho 0)' if rho == 0 else f'logits-SAM rho {rho_tag(rho)}'}, {seeds}"
         out[rho_tag(rho)] = {}
         for ax, (key, panel) in zip(axes, CURVES, strict=True):
             steps, bands = curve_bands(members, "eval_" + key)
