@@ -90,7 +90,7 @@ def _head_after_forward():
         ref_chosen, ref_rejected = self._reference_logps(inputs, labels)
         model = model.module if type(model).__name__ == "DeepSpeedEngine" else model  # ZeRO-3 hooks sit on modules
         hidden = forward_hidden(model, inputs["input_ids"], inputs["attention_mask"])  # the wrapper has returned
-        loss, _ = logits_sam(hidden, lm_head_of(model), labels, self._loss_fn(ref_chosen, ref_rejected, []),
+        loss, _ = logits_sam(hidden, lm_head_of(model), labels, self._loss_fn(ref_chosen, ref_rejected, labels, {}),
                              self.sam_rho, norm=self.sam_norm, variant=self.sam_variant, **self.chunks)
         return loss
 
