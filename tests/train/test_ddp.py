@@ -53,8 +53,12 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, sam):
     assert any(not torch.equal(a[k], init[k]) for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
+    logs = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    # num_tokens: summed over both ranks, inside the metrics' one collective: the same running total as one process
+    tokens = {run: [r["num_tokens"] for r in [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+                    if "loss" in r] for run in (one, two)}
+    assert tokens[two] == tokens[one] and tokens[one][0] > 0 and len(tokens[one]) == 2
     if sam != "none":  # SAM really ran: its perturbation moved the loss by about <g, eps>
-        logs = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
         if sam == "logits":
             ratios = [r["sam/first_order_ratio"] for r in logs if "sam/first_order_ratio" in r]
             assert ratios and all(0.5 < r < 2 for r in ratios), ratios

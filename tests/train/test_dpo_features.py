@@ -21,7 +21,7 @@ from logitsam.data import PreferenceCollator, build_preference_dataset
 from logitsam.models import ModelError, forward_hidden, load_model
 from logitsam.train.config import ConfigError, TrainConfig
 from logitsam.train.run import model_init_kwargs, run_training
-from logitsam.train.trainer import PreferenceTrainer, disable_dropout_in_model, sync_reference
+from logitsam.train.trainer import PreferenceTrainer, check_reference_keys, disable_dropout_in_model, sync_reference
 
 
 # ---- LD-DPO ------------------------------------------------------------------------------------------------
@@ -147,6 +147,21 @@ def test_sync_reference_mixes_every_parameter():
     sync_reference(policy, ref, 0.3)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(v, 0.7 * before[k] + 0.3 * policy.state_dict()[k], msg=k)
+
+
+def test_saved_reference_keys_are_checked_not_loaded_loosely():
+    """Only tied copies may be absent from reference_model.safetensors; anything else is one clear error."""
+    tok = make_tiny_tokenizer()
+    tied, untied = make_tiny_llama(len(tok), tie=True), make_tiny_llama(len(tok), tie=False)
+    keys = set(tied.state_dict())
+    check_reference_keys(tied, keys, "ck/reference_model.safetensors")
+    check_reference_keys(tied, keys - {"lm_head.weight"}, "ck")  # its tie: embed_tokens.weight is there
+    with pytest.raises(ModelError, match=r"ck: .*missing: \['lm_head.weight'\]"):
+        check_reference_keys(untied, keys - {"lm_head.weight"}, "ck")
+    with pytest.raises(ModelError, match=r"missing: \['model.norm.weight'\]"):
+        check_reference_keys(tied, keys - {"model.norm.weight"}, "ck")
+    with pytest.raises(ModelError, match=r"not in the model: \['extra.weight'\]"):
+        check_reference_keys(tied, keys | {"extra.weight"}, "ck")
 
 
 def test_tr_dpo_updates_the_reference_and_resume_continues_it(tiny_model_dir, pairs_file, tmp_path, cache):

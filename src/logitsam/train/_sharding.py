@@ -10,7 +10,7 @@ import copy
 
 import torch
 
-from ..models import unwrap_model
+from ..models import ModelError, unwrap_model
 
 # float attributes that attention modules apply as functional dropout (Llama/Qwen/Mistral: ``attention_dropout``)
 FUNCTIONAL_DROPOUT = ("attention_dropout", "attn_dropout_p", "dropout_p")
@@ -103,3 +103,22 @@ def sync_reference(policy, reference, alpha: float) -> None:
                 mix()
     else:
         mix()
+
+
+def check_reference_keys(reference, keys, path) -> None:
+    """The saved TR-DPO reference (``path``) must match the model it is loaded into: no unknown names, and every
+    absent name a tied copy of one that is present (``_save_reference`` writes tied weights once). Raises
+    ``ModelError`` naming the file and the first names, instead of a silent partial load."""
+    module = unwrap_model(reference)
+    expected = set(module.state_dict())
+    keys = set(keys)
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    tied = {n for names in groups.values() if len(names) > 1 and keys & set(names) for n in names}
+    unknown, missing = sorted(keys - expected), sorted(expected - keys - tied)
+    if unknown or missing:
+        detail = "; ".join(f"{what}: {names[:3]}{'...' if len(names) > 3 else ''}"
+                           for what, names in (("not in the model", unknown), ("missing", missing)) if names)
+        raise ModelError(f"{path}: the saved TR-DPO reference does not match the model ({detail}); resume with "
+                         "the model the checkpoint was trained from")

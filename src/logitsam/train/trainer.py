@@ -35,6 +35,7 @@ from ..diagnostics.squeeze import dpo_metrics, squeeze_metrics
 from ..models import reference_context, unwrap_model
 from ._inside import head_inside_forward
 from ._sharding import (  # noqa: F401  (nonfinite_parameters, sync_reference: public here as before)
+    check_reference_keys,
     deepspeed_inference_engine,
     disable_dropout_in_model,
     nonfinite_parameters,
@@ -280,23 +281,17 @@ class PreferenceTrainer(Trainer):
             chosen_rewards, rejected_rewards = kept["rewards"]  # clean-pass rewards
             if "wpo" in kept:
                 sam_stats["wpo/weight"] = float(kept["wpo"].mean())
-            if mode == "train":
-                self._count_tokens(inputs)
             self._log_metrics(mode, out.detach(), chosen_rewards, rejected_rewards, ref_chosen, ref_rejected,
                               inputs, sam_stats, poisoned=not finite)
         if not finite:
             loss = self._handle_nonfinite(loss, model)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
 
-    def _count_tokens(self, inputs) -> None:
+    def _counts_tokens(self, mode) -> bool:
         """TRL's ``num_tokens``: non-padding tokens trained on so far, over all ranks, kept in the Trainer's state
         (``num_input_tokens_seen``, so resume continues it). Trainer counts instead when asked to
         (``include_num_input_tokens_seen``)."""
-        if self.args.include_num_input_tokens_seen != "no" or not self._record:
-            return
-        local = inputs["attention_mask"].sum().reshape(1)
-        total = self.accelerator.gather(local).sum() if self.accelerator.num_processes > 1 else local.sum()
-        self.state.num_input_tokens_seen += int(total)
+        return mode == "train" and self.args.include_num_input_tokens_seen == "no"
 
     def _check_ratio(self, stats) -> float:
         """``sam/first_order_ratio``, with one clear warning per run when it leaves ``RATIO_BAND``."""
@@ -397,10 +392,17 @@ class PreferenceTrainer(Trainer):
         metrics.update(extra)
         # one collective per step for all metrics: stack, gather (R ranks, K), average over ranks
         keys = list(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float32, device=self.accelerator.device)
+        values = [float(metrics[k]) for k in keys]
+        count = self._counts_tokens(mode)
+        if count:  # rides in the same collective, summed over ranks (a poisoned micro-batch's tokens still count)
+            values.append(float(inputs["attention_mask"].sum()))
+        values = torch.tensor(values, dtype=torch.float32, device=self.accelerator.device)
         if poisoned:
-            values.fill_(float("nan"))
-        means = gather(values[None]).reshape(-1, len(keys)).mean(0).tolist()
+            values[: len(keys)] = float("nan")
+        rows = gather(values[None]).reshape(-1, values.numel())
+        if count:
+            self.state.num_input_tokens_seen += int(rows[:, -1].sum())
+        means = rows[:, : len(keys)].mean(0).tolist()
         store = self._metrics[mode]
         for key, value in zip(keys, means, strict=True):
             store[key].append(value)
@@ -486,13 +488,14 @@ class PreferenceTrainer(Trainer):
             from safetensors.torch import load_file
 
             state = load_file(str(path))
+            check_reference_keys(self.ref_model, state.keys(), path)
             if self.is_fsdp_enabled:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
                 set_model_state_dict(self.ref_model, state, options=StateDictOptions(full_state_dict=True,
                                                                                      strict=False))
             else:
-                self.ref_model.load_state_dict(state, strict=False)  # tied copies are filled by the tie
+                self.ref_model.load_state_dict(state, strict=False)  # checked above: only tied copies are absent
             logger.info("TR-DPO: reference restored from %s", path)
 
     def _get_output_dir(self, trial):
