@@ -368,22 +368,15 @@ def cmd_demo(args, extra):
     run_demo(args.output_dir, quick=args.quick, seed=args.seed)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="logitsam", description="Preference optimization (DPO and variants) with logits-SAM on the LM head.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    # --debug also after the command name; SUPPRESS keeps the subcommand from resetting it to False
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser = functools.partial(sub.add_parser, parents=[common])
-
+def _add_train(add_parser, common) -> None:
     p = add_parser("train", help="train a causal LM on preference pairs (DPO family, optional SAM)", add_help=False)
     p.add_argument("-h", "--help", action=_TrainHelp, help="every config key with its type, help and default")
     p.add_argument("--config", help="YAML recipe (see recipes/)")
     p.set_defaults(func=cmd_train, takes_extra=True)
 
+
+
+def _add_bench(add_parser, common) -> None:
     from .bench import BenchConfig
 
     p = add_parser("bench", help="time and memory of the LM-head paths (plain/logits-SAM, dense/chunked)")
@@ -393,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write the result as JSON here")
     p.set_defaults(func=cmd_bench)
 
+
+
+def _add_eval(add_parser, common) -> None:
     p = add_parser("eval", help="evaluate a checkpoint: preference accuracy, log-prob shifts, win rate, flatness",
                    epilog="Example: logitsam eval --model runs/dpo --dataset_name pairs.jsonl --split train "
                           "--judge vader --num_prompts 64 --output_dir runs/dpo/eval")
@@ -421,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="runs/eval")
     p.set_defaults(func=cmd_eval)
 
+
+
+def _add_ches(add_parser, common) -> None:
     p = add_parser("ches", help="CHES scores per pair (Razin et al. 2025) and a filtered dataset",
                    epilog="Example: logitsam ches --model smollm2-135m-instruct --dataset_name hh.jsonl.gz "
                           "--split train --filter_top_percent 10 --output_dir runs/ches")
@@ -431,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="runs/ches")
     p.set_defaults(func=cmd_ches)
 
+
+
+def _add_compare(add_parser, common) -> None:
     p = add_parser("compare", help="train variants x seeds from one recipe, evaluate, and write a report",
                    description="Variants are NAME:key=value,key=value (config overrides). Extra --key value "
                                "pairs apply to every run.",
@@ -455,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="runs/compare")
     p.set_defaults(func=cmd_compare, takes_extra=True)
 
+
+
+def _add_report(add_parser, common) -> None:
     p = add_parser("report", help="rebuild a report from finished run directories",
                    epilog="Example: logitsam report runs/compare/runs --output_dir runs/compare")
     p.add_argument("run_dirs", nargs="+", type=_existing_path, help="run directories, or folders holding them")
@@ -463,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="runs/report")
     p.set_defaults(func=cmd_report)
 
+
+
+def _add_study(add_parser, common) -> None:
     p = add_parser("study", help="a resumable rho x seed study from a study recipe, run by run, with its report",
                    description="Expands recipes/study/*.yaml into runs (ids like rho1e-2_seed1), trains and evaluates "
                                "them one at a time in fresh processes, keeps each run's small files under "
@@ -482,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep_scratch", action="store_true", help="keep each run's weights in the scratch dir")
     p.set_defaults(func=cmd_study)
 
+
+
+def _add_data(add_parser, common) -> None:
     p = add_parser("data", help="build datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("build-sentiment", parents=[common],
@@ -496,12 +507,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch_size", type=_int_at_least(1), default=32)
     q.set_defaults(func=cmd_build_sentiment)
 
+
+
+def _add_demo(add_parser, common) -> None:
     p = add_parser("demo", help="DPO vs DPO + logits-SAM on the embedded model and data, with a report")
     p.add_argument("--output_dir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a one-minute version (used by the tests)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
+
+
+def _add_theory(add_parser, common) -> None:
     p = add_parser("theory", help="the softmax-regression theory lab: checks and figures")
     p.add_argument("--output_dir", default="runs/theory")
     p.add_argument("--seeds", type=_int_at_least(1), default=200, help="random problems for the sign-rule statistics")
@@ -511,6 +528,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real_steps", type=_int_at_least(1), default=24)
     p.add_argument("--real_rho", type=float, default=1e-3)
     p.set_defaults(func=cmd_theory)
+
+
+_COMMANDS = (_add_train, _add_bench, _add_eval, _add_ches, _add_compare, _add_report, _add_study, _add_data,
+             _add_demo, _add_theory)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="logitsam", description="Preference optimization (DPO and variants) with logits-SAM on the LM head.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # --debug also after the command name; SUPPRESS keeps the subcommand from resetting it to False
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = functools.partial(sub.add_parser, parents=[common])
+    for add in _COMMANDS:  # one function per command, in the order `logitsam -h` lists them
+        add(add_parser, common)
     return parser
 
 

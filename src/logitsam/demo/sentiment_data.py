@@ -162,6 +162,32 @@ def build_sentiment_dataset(
     responses = [r.strip() for r in responses]
     scores = VaderJudge().score(texts, responses)
 
+    pairs, sample_scores = _pair_responses(ids, responses, scores, samples_per_prompt, min_gap)
+    out = Path(output_dir)
+    split_pairs = {"train": [pairs[i] for i in train_ids if i in pairs],
+                   "heldout": [pairs[i] for i in heldout_ids if i in pairs]}
+    _write_splits(out, split_pairs, heldout_ids)
+    no_pair = {"train": len(train_ids) - len(split_pairs["train"]),
+               "heldout": len(heldout_ids) - len(split_pairs["heldout"])}
+    if any(no_pair.values()):
+        logger.warning("no pair with a VADER gap >= %s for %d of %d train prompts and %d of %d held-out prompts",
+                       min_gap, no_pair["train"], len(train_ids), no_pair["heldout"], len(heldout_ids))
+    metadata = _metadata(
+        model_name_or_path, str(next(model.parameters()).device), split_pairs, sample_scores, no_pair,
+        train_ids=train_ids, heldout_ids=heldout_ids, responses=responses, start=start,
+        sampling={"samples_per_prompt": samples_per_prompt, "temperature": temperature, "top_p": top_p,
+                  "top_k": 0, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat_template": True},
+        min_gap=min_gap, heldout_fraction=heldout_fraction, seed=seed)
+    write_json(out / SENTIMENT_FILES["metadata"], metadata, indent=2, ensure_ascii=False)
+    logger.info("sentiment pairs: %d train, %d held-out (mean gap %s) in %s, %.1f s",
+                len(split_pairs["train"]), len(split_pairs["heldout"]), metadata["mean_gap"], out,
+                metadata["build_seconds"])
+    return metadata
+
+
+def _pair_responses(ids, responses, scores, samples_per_prompt, min_gap):
+    """Each prompt's ``samples_per_prompt`` neighbouring samples -> its pair (``pick_pair``) or none; also every
+    sample's score per prompt (the sampling policy's own mean reward)."""
     pairs: dict[int, dict[str, Any]] = {}
     sample_scores: dict[int, list[float]] = {}
     for j, prompt_id in enumerate(ids):
@@ -179,33 +205,32 @@ def build_sentiment_dataset(
             "chosen_score": scores[c],
             "rejected_score": scores[r],
         }
+    return pairs, sample_scores
 
-    out = Path(output_dir)
+
+def _write_splits(out: Path, split_pairs, heldout_ids) -> None:
+    """The pair files and the held-out prompts; each pair file is read back by the trainer's reader, which
+    raises on the first pair it would drop."""
     out.mkdir(parents=True, exist_ok=True)
-    split_pairs = {"train": [pairs[i] for i in train_ids if i in pairs],
-                   "heldout": [pairs[i] for i in heldout_ids if i in pairs]}
     for split, rows in split_pairs.items():
         _write_jsonl(out / SENTIMENT_FILES[split], rows)
     _write_jsonl(out / SENTIMENT_FILES["heldout_prompts"],
                  [{"prompt_id": i, "prompt": _messages("user", PROMPTS[i])} for i in heldout_ids])
     for split, rows in split_pairs.items():
-        if rows:  # the trainer's reader must take every pair we wrote; it raises on the first it would drop
+        if rows:
             load_preference_examples(out / SENTIMENT_FILES[split], on_invalid="error")
 
-    no_pair = {"train": len(train_ids) - len(split_pairs["train"]),
-               "heldout": len(heldout_ids) - len(split_pairs["heldout"])}
-    if any(no_pair.values()):
-        logger.warning("no pair with a VADER gap >= %s for %d of %d train prompts and %d of %d held-out prompts",
-                       min_gap, no_pair["train"], len(train_ids), no_pair["heldout"], len(heldout_ids))
+
+def _metadata(model_name_or_path, device, split_pairs, sample_scores, no_pair, *, train_ids, heldout_ids,
+              responses, start, sampling, min_gap, heldout_fraction, seed) -> dict[str, Any]:
+    """What ``metadata.json`` records: the model, sampling, judge, counts, gaps and versions."""
     gaps = {split: [p["chosen_score"] - p["rejected_score"] for p in rows] for split, rows in split_pairs.items()}
     gguf = EMBEDDED_MODELS.get(model_name_or_path)
-    metadata = {
+    return {
         "description": "on-policy controlled-sentiment preference pairs (DPO paper §6.1) built by logitsam",
         "model": {"name_or_path": model_name_or_path, "gguf_file": gguf.gguf_file if gguf else None,
                   "package": gguf.pip_spec if gguf else None},
-        "sampling": {"samples_per_prompt": samples_per_prompt, "temperature": temperature, "top_p": top_p,
-                     "top_k": 0, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                     "chat_template": True, "device": str(next(model.parameters()).device)},
+        "sampling": {**sampling, "device": device},
         "judge": f"vaderSentiment {importlib.metadata.version('vaderSentiment')} compound",
         "min_gap": min_gap,
         "heldout_fraction": heldout_fraction,
@@ -213,7 +238,7 @@ def build_sentiment_dataset(
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "build_seconds": round(time.perf_counter() - start, 1),
         "counts": {
-            "prompts": len(ids),
+            "prompts": len(train_ids) + len(heldout_ids),
             "train_prompts": len(train_ids),
             "heldout_prompts": len(heldout_ids),
             "train_pairs": len(split_pairs["train"]),
@@ -239,11 +264,6 @@ def build_sentiment_dataset(
         },
         "files": SENTIMENT_FILES,
     }
-    write_json(out / SENTIMENT_FILES["metadata"], metadata, indent=2, ensure_ascii=False)
-    logger.info("sentiment pairs: %d train, %d held-out (mean gap %s) in %s, %.1f s",
-                len(split_pairs["train"]), len(split_pairs["heldout"]), metadata["mean_gap"], out,
-                metadata["build_seconds"])
-    return metadata
 
 
 def load_sentiment_paths() -> dict[str, Path]:

@@ -219,11 +219,8 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
         ref_name, ref_from = run_reference_of(model_name_or_path)
     device = device or default_device()
     tokenizer = load_tokenizer(model_name_or_path)
-    policy = load_model(model_name_or_path, dtype=dtype, device=device)
-    reference = None
-    if ref_name is not None:
-        same = str(ref_name) == str(model_name_or_path)
-        reference = policy if same else load_model(ref_name, dtype=dtype, device=device)
+    policy, reference = _load_pair(model_name_or_path, ref_name, dtype, device)
+    if reference is not None:
         logger.info("reference: %s (from %s)", ref_name, ref_from)
     dataset, report = build_preference_dataset(
         dataset_name, tokenizer, split=split, data_format=data_format, max_length=max_length,
@@ -268,10 +265,22 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
                                              head_only=hessian_head_only)
         results["flatness/hessian_trace"], results["flatness/hessian_trace_stderr"] = mean, stderr
     if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "eval_results.json", results, indent=2)
-        if samples:
-            write_text(out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        logger.info("wrote %s", out / "eval_results.json")
+        _write_results(Path(output_dir), results, samples)
     return results
+
+
+def _load_pair(model_name_or_path, ref_name, dtype, device):
+    """The policy and its reference (the same object when they name the same model; None without one)."""
+    policy = load_model(model_name_or_path, dtype=dtype, device=device)
+    if ref_name is None:
+        return policy, None
+    same = str(ref_name) == str(model_name_or_path)
+    return policy, policy if same else load_model(ref_name, dtype=dtype, device=device)
+
+
+def _write_results(out: Path, results: dict, samples: list) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "eval_results.json", results, indent=2)
+    if samples:
+        write_text(out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    logger.info("wrote %s", out / "eval_results.json")

@@ -264,7 +264,21 @@ def expand(raw: dict, *, path: str | Path = "<study>") -> StudyPlan:
     main_train = {**base, **data_train, "eval_size": 0}
     runs = _seeded(_expand_cell(MAIN, rhos, seeds, main_train, eval_table(main_train, evaluation), ches=None,
                                 recipe_settings=settings))
-    cells = raw.get("cells") or []
+    runs += _cell_runs(raw.get("cells") or [], where, main_train, evaluation, seeds, data_eval, settings)
+    ids = [r.run_id for r in runs]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ConfigError(f"{where}: run ids {dup} appear twice (a cell name or rho given twice?)")
+    budget = _mapping(raw.get("budget"), f"{where}: budget", BUDGET_KEYS)
+    name = str(raw.get("name") or Path(path).stem)
+    return StudyPlan(name=name, task=task, path=Path(path), runs=runs,
+                     report=_mapping(raw.get("report"), f"{where}: report", ("figure_rhos", "title")),
+                     budget=budget, scratch_dir=str(raw.get("scratch_dir", f"runs/study/{name}")))
+
+def _cell_runs(cells, where: str, main_train: dict, evaluation: dict, seeds, data_eval, settings) -> list:
+    """The runs of the recipe's extra cells: each a name, its rhos, optional seeds, training overrides on top of
+    the main grid's, eval overrides and an optional CHES filter."""
+    runs: list = []
     if not isinstance(cells, list):
         raise ConfigError(f"{where}: cells must be a list of mappings, got {cells!r}")
     for i, cell in enumerate(cells):
@@ -286,15 +300,7 @@ def expand(raw: dict, *, path: str | Path = "<study>") -> StudyPlan:
             cell_train, {"*": eval_args(cell_train, data_eval, options, seed=0)},
             ches=None if ches is None else float(ches),
             recipe_settings={**settings, "cell_train": extra, "ches_filter_top_percent": ches}))
-    ids = [r.run_id for r in runs]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise ConfigError(f"{where}: run ids {dup} appear twice (a cell name or rho given twice?)")
-    budget = _mapping(raw.get("budget"), f"{where}: budget", BUDGET_KEYS)
-    name = str(raw.get("name") or Path(path).stem)
-    return StudyPlan(name=name, task=task, path=Path(path), runs=runs,
-                     report=_mapping(raw.get("report"), f"{where}: report", ("figure_rhos", "title")),
-                     budget=budget, scratch_dir=str(raw.get("scratch_dir", f"runs/study/{name}")))
+    return runs
 
 
 def _seeded(runs: list[RunSpec]) -> list[RunSpec]:

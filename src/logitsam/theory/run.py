@@ -176,6 +176,14 @@ def _table(rows: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _trajectory_table(dyn: dict[str, Any]) -> list[str]:
+    rows = [("start", dyn["initial"])]
+    rows += [(f"{scenario}, {method}", v) for scenario in ("negative_gradient", "dpo")
+             for method, v in dyn[scenario].items()]
+    return ["| run | p(y*) | p(y+) | p(y-) |", "|---|---|---|---|"] + [
+        f"| {name} | {v['p_dominant']:.4g} | {v['p_chosen']:.4g} | {v['p_rejected']:.4g} |" for name, v in rows]
+
+
 def render_summary(summary: dict[str, Any]) -> str:
     """summary.md: each statement's numbers and each figure with its caption."""
     lines = [
@@ -224,17 +232,8 @@ def render_summary(summary: dict[str, Any]) -> str:
     ]
     for name, result in summary["dpo_sam"].items():
         lines += ["", f"**{name}**", *_table(result)]
-    dyn = summary["dynamics"]
     lines += ["", "## Trajectories (Fig. 1a/1b): probabilities at the first and last step", ""]
-    lines += ["| run | p(y*) | p(y+) | p(y-) |", "|---|---|---|---|"]
-    rows = [("start", dyn["initial"])]
-    rows += [
-        (f"{scenario}, {method}", v)
-        for scenario in ("negative_gradient", "dpo")
-        for method, v in dyn[scenario].items()
-    ]
-    for name, v in rows:
-        lines.append(f"| {name} | {v['p_dominant']:.4g} | {v['p_chosen']:.4g} | {v['p_rejected']:.4g} |")
+    lines += _trajectory_table(summary["dynamics"])
     lines += ["", "## Figures", ""]
     for name, caption in summary["figures"].items():
         lines += [f"![{name}]({name})", "", f"*{name}*: {caption}", ""]

@@ -244,15 +244,10 @@ def run_training(cfg: TrainConfig) -> dict:
     trainer = PreferenceTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=RequireReference(collator) if precompute else collator, processing_class=tokenizer,
-        loss_type=cfg.loss_type, beta=cfg.beta, loss_params=cfg.loss_params(), sam=cfg.sam, sam_rho=cfg.sam_rho,
-        sam_norm=cfg.sam_norm, sam_variant=cfg.sam_variant,
-        chunk_size=chunk_size, vocab_chunk_size=cfg.sam_vocab_chunk_size,
-        ref_model=None if precompute else ref_model, ref_adapter_off=ref_adapter_off and not precompute,
-        ref_is_initial_policy=cfg.ref_model_name_or_path is None, on_nonfinite=cfg.on_nonfinite,
-        ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, disable_dropout=cfg.disable_dropout,
-        router_aux_loss_coef=cfg.router_aux_loss_coef, sync_ref_model=cfg.sync_ref_model,
-        ref_model_mixup_alpha=cfg.ref_model_mixup_alpha, ref_model_sync_steps=cfg.ref_model_sync_steps,
+        chunk_size=chunk_size, ref_model=None if precompute else ref_model,
+        ref_adapter_off=ref_adapter_off and not precompute,
         callbacks=[MetricsJsonlCallback(out_dir), cost := CostCallback()],
+        **trainer_options(cfg),
     )
     if zero3:
         logger.warning("DeepSpeed ZeRO-3: the numeric head check and the reference precompute need a forward "
@@ -271,6 +266,18 @@ def run_training(cfg: TrainConfig) -> dict:
         del ref_model  # the values ride in the datasets; free the model
     result = trainer.train(resume_from_checkpoint=resume)
     return finish_run(trainer, tokenizer, model, out_dir, eval_ds, result, cost, reports, cfg, args)
+
+
+def trainer_options(cfg: TrainConfig) -> dict:
+    """The PreferenceTrainer arguments that come straight from the config (the loss, SAM and TRL features)."""
+    return dict(
+        loss_type=cfg.loss_type, beta=cfg.beta, loss_params=cfg.loss_params(), sam=cfg.sam, sam_rho=cfg.sam_rho,
+        sam_norm=cfg.sam_norm, sam_variant=cfg.sam_variant, vocab_chunk_size=cfg.sam_vocab_chunk_size,
+        ref_is_initial_policy=cfg.ref_model_name_or_path is None, on_nonfinite=cfg.on_nonfinite,
+        ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, disable_dropout=cfg.disable_dropout,
+        router_aux_loss_coef=cfg.router_aux_loss_coef, sync_ref_model=cfg.sync_ref_model,
+        ref_model_mixup_alpha=cfg.ref_model_mixup_alpha, ref_model_sync_steps=cfg.ref_model_sync_steps,
+    )
 
 
 def finish_run(trainer, tokenizer, model, out_dir: Path, eval_ds, result, cost, reports, cfg, args) -> dict:
