@@ -1,6 +1,7 @@
 """`logitsam compare` and `logitsam report` through the real CLI on a tiny model (subprocess runs)."""
 
 import json
+from pathlib import Path
 
 from html_report import read_report
 
@@ -54,3 +55,36 @@ def test_compare_two_variants_and_report(tiny_model_dir, tmp_path, monkeypatch, 
     # rebuild from the finished runs
     main(["report", str(out / "runs"), "--output_dir", str(tmp_path / "again")])
     assert read_report(tmp_path / "again" / "report.html").table("Summary") == page.table("Summary")
+
+
+def test_a_rerun_replaces_the_earlier_run_whole(tmp_path, monkeypatch):
+    """`make demo` twice into one folder (skip_existing=False): the second run's eval is computed again, and
+    nothing of the first run (its eval, samples, checkpoints) survives to be reported as the second's."""
+    import logitsam.compare as compare
+    import logitsam.eval.run as eval_run
+
+    calls = {"train": 0, "eval": 0}
+
+    def fake_train(config, params, run_dir, *, log_path):
+        calls["train"] += 1
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / f"checkpoint-{calls['train']}").mkdir()
+        (run_dir / "run_info.json").write_text(json.dumps({"seed": params["seed"], "seconds_per_step": 1.0}))
+
+    def fake_eval(model, *, output_dir, seed, **kwargs):
+        calls["eval"] += 1
+        (Path(output_dir) / "eval_results.json").write_text(json.dumps({"eval/preference_accuracy": calls["eval"]}))
+
+    monkeypatch.setattr(compare, "train_run", fake_train)
+    monkeypatch.setattr(eval_run, "evaluate", fake_eval)
+    monkeypatch.setattr("logitsam.report.build_report", lambda run_dirs, out, **kw: {"summary": []})
+    monkeypatch.setattr("logitsam.report.format_table", lambda summary: "")
+    variants = [compare.Variant("dpo", {"sam": "none"})]
+    run = tmp_path / "runs" / "dpo" / "seed-0"
+    for expected in (1, 2):
+        compare.run_compare(None, tmp_path, variants=variants, seeds=[0], eval_kwargs={"split": "x"},
+                            skip_existing=False)
+        assert json.loads((run / "eval_results.json").read_text())["eval/preference_accuracy"] == expected
+        assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-{expected}"]
+    compare.run_compare(None, tmp_path, variants=variants, seeds=[0], eval_kwargs={"split": "x"})  # reuse
+    assert calls == {"train": 2, "eval": 2}

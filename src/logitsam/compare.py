@@ -7,6 +7,7 @@ are measured per run; every seed gives every variant the same data order (Traine
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -86,6 +87,9 @@ def run_compare(config: str | None, output_dir: str | Path, *, variants: list[Va
             run_dir = out / "runs" / _slug(variant.name) / f"seed-{seed}"
             done = (run_dir / "run_info.json").exists()
             if not (done and skip_existing):
+                if run_dir.exists():  # a new run replaces the old one whole: no stale eval, samples or checkpoints
+                    logger.info("replacing the earlier run in %s", run_dir)
+                    shutil.rmtree(run_dir)
                 params = {**(overrides or {}), **variant.overrides, "seed": seed, "variant": variant.name}
                 train_run(config, params, run_dir, log_path=out / "logs" / f"{_slug(variant.name)}-seed{seed}.log")
             else:
