@@ -53,10 +53,11 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, sam):
     assert any(not torch.equal(a[k], init[k]) for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
-    logs = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    records = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+               for run in (one, two)}
+    logs = records[two]
     # num_tokens: summed over both ranks, inside the metrics' one collective: the same running total as one process
-    tokens = {run: [r["num_tokens"] for r in [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-                    if "loss" in r] for run in (one, two)}
+    tokens = {run: [r["num_tokens"] for r in rows if "loss" in r] for run, rows in records.items()}
     assert tokens[two] == tokens[one] and tokens[one][0] > 0 and len(tokens[one]) == 2
     if sam != "none":  # SAM really ran: its perturbation moved the loss by about <g, eps>
         if sam == "logits":

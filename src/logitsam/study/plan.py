@@ -275,6 +275,7 @@ def expand(raw: dict, *, path: str | Path = "<study>") -> StudyPlan:
                      report=_mapping(raw.get("report"), f"{where}: report", ("figure_rhos", "title")),
                      budget=budget, scratch_dir=str(raw.get("scratch_dir", f"runs/study/{name}")))
 
+
 def _cell_runs(cells, where: str, main_train: dict, evaluation: dict, seeds, data_eval, settings) -> list:
     """The runs of the recipe's extra cells: each a name, its rhos, optional seeds, training overrides on top of
     the main grid's, eval overrides and an optional CHES filter."""
