@@ -54,6 +54,38 @@ def test_figure_draws_dpo_best_and_largest_rho(results):
     assert curve["change"] == pytest.approx(0.12)  # mean over seeds, step 0 -> 4
 
 
+def test_paired_figure_is_the_seedwise_difference(results):
+    """Fake runs: y* of rho 1e-2 minus rho 0 is -0.02 x step for every seed (zero spread); chosen and
+    rejected curves are the same for both rhos, so their paired difference is 0 at every step."""
+    result = build_study_report(results)
+    paired = json.loads((results / "summary.json").read_text())["paired_curves"]
+    assert set(paired) == {"1e-2"}
+    ystar_last = paired["1e-2"]["squeeze/argmax_logp_chosen"]
+    assert ystar_last["step"] == 4 and ystar_last["n"] == 3
+    assert ystar_last["mean"] == pytest.approx(-0.08)
+    assert ystar_last["high"] - ystar_last["low"] == pytest.approx(0.0, abs=1e-12)
+    assert paired["1e-2"]["squeeze/chosen_logps_per_token"]["mean"] == pytest.approx(0.0)
+    assert (results / "fig1c_paired.png").read_bytes()[:4] == b"\x89PNG"
+    assert str(results / "fig1c_paired.png") in result["files"]
+    assert "(fig1c_paired.png)" in result["markdown"]
+
+
+def test_paired_curve_bands_pairs_by_seed_and_step():
+    """Seeds and steps only one side holds are left out; the interval is over the seedwise differences."""
+    from logitsam.report.runs import Run
+    from logitsam.study.report import paired_curve_bands
+
+    def run(values):
+        return Run(path=None, variant="x", seed=None, eval=[{"step": s, "k": v} for s, v in values.items()])
+
+    treatment = {1: run({0: 1.0, 10: 2.0, 20: 9.0}), 2: run({0: 1.0, 10: 3.0}), 3: run({0: 5.0})}
+    baseline = {1: run({0: 1.0, 10: 1.0}), 2: run({0: 1.0, 10: 1.0})}
+    steps, bands = paired_curve_bands(treatment, baseline, "k")
+    assert steps == [0, 10]
+    assert [b.n for b in bands] == [2, 2]
+    assert bands[0].mean == 0.0 and bands[1].mean == pytest.approx(1.5)  # (1 + 2) / 2
+
+
 def test_cli_report_rebuilds_from_the_folder_alone(results, tmp_path, capsys):
     shutil.rmtree(tmp_path / "scratch", ignore_errors=True)  # weights, logs, configs: not needed
     main(["report", str(results)])

@@ -7,7 +7,10 @@ nothing. Writes beside them:
   difference to the cell's rho = 0 (else the main grid's rho = 0), seed by seed, with its interval;
 - ``summary.json``: the same numbers, machine-readable;
 - ``fig1c.png``: per-token log-probs of chosen, rejected and y* on the fixed held-out set against the step,
-  mean over seeds with a 95 % band, for rho = 0, the best rho and the largest (or ``report.figure_rhos``).
+  mean over seeds with a 95 % band, for rho = 0, the best rho and the largest (or ``report.figure_rhos``);
+- ``fig1c_paired.png``: the same three quantities as paired differences to the baseline (same seed, same
+  step), mean with a 95 % band, for every rho > 0 of every cell: the effect itself, without the spread
+  between seeds that the unpaired bands of ``fig1c.png`` carry.
 """
 
 from __future__ import annotations
@@ -80,9 +83,7 @@ def _value(getter, run: Run) -> float | None:
 
 def summarize(runs: list[tuple[dict, Run]]) -> list[dict]:
     """One entry per (cell, rho): seeds, each metric's ``Interval`` and its paired difference to the baseline."""
-    groups: dict[tuple[str, float], dict[int, Run]] = {}
-    for record, run in runs:
-        groups.setdefault((record["cell"], float(record["rho"])), {})[int(record["seed"])] = run
+    groups = _groups(runs)
     cells = [MAIN] + sorted({c for c, _ in groups} - {MAIN})
     out = []
     for cell in cells:
@@ -166,8 +167,7 @@ def curve_bands(runs: list[Run], key: str) -> tuple[list[int], list[Interval]]:
     evaluate() repeats the last eval step)."""
     at: dict[int, list[float]] = {}
     for run in runs:
-        per_step = {int(r["step"]): float(r[key]) for r in run.eval if r.get(key) is not None and "step" in r}
-        for step, value in per_step.items():
+        for step, value in _step_values(run, key).items():
             at.setdefault(step, []).append(value)
     steps = sorted(at)
     return steps, [mean_interval(at[s]) for s in steps]
@@ -206,6 +206,75 @@ def plot_bands(runs: list[tuple[dict, Run]], rhos: list[float], path: Path, *, t
     return out
 
 
+def _groups(runs: list[tuple[dict, Run]]) -> dict[tuple[str, float], dict[int, Run]]:
+    groups: dict[tuple[str, float], dict[int, Run]] = {}
+    for record, run in runs:
+        groups.setdefault((record["cell"], float(record["rho"])), {})[int(record["seed"])] = run
+    return groups
+
+
+def _step_values(run: Run, key: str) -> dict[int, float]:
+    return {int(r["step"]): float(r[key]) for r in run.eval if r.get(key) is not None and "step" in r}
+
+
+def paired_curve_bands(treatment: dict[int, Run], baseline: dict[int, Run],
+                       key: str) -> tuple[list[int], list[Interval]]:
+    """Per eval step, the interval over seeds of ``treatment[seed] - baseline[seed]`` at that step (seeds and
+    steps both sides hold)."""
+    at: dict[int, dict[int, float]] = {}
+    for seed in sorted(set(treatment) & set(baseline)):
+        base = _step_values(baseline[seed], key)
+        for step, value in _step_values(treatment[seed], key).items():
+            if step in base:
+                at.setdefault(step, {})[seed] = value - base[step]
+    steps = sorted(at)
+    return steps, [mean_interval(at[s].values()) for s in steps]
+
+
+def plot_paired_bands(runs: list[tuple[dict, Run]], path: Path, *, title: str) -> dict:
+    """Three panels of paired differences to the baseline (the cell's rho 0, else the main grid's), one line
+    per (cell, rho > 0); returns the last step's interval per line and quantity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..report.plots import save_logprob_panels
+
+    groups = _groups(runs)
+    cells = [MAIN] + sorted({c for c, _ in groups} - {MAIN})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    out = {}
+    for cell in cells:
+        base_key = (cell, 0.0) if (cell, 0.0) in groups else (MAIN, 0.0)
+        if base_key not in groups:
+            continue
+        for rho in sorted(r for c, r in groups if c == cell and r > 0):
+            name = rho_tag(rho) if cell == MAIN else f"{cell}/{rho_tag(rho)}"
+            label = f"{'' if cell == MAIN else cell + ': '}rho {rho_tag(rho)} − rho 0"
+            out[name] = {}
+            for ax, (key, panel) in zip(axes, CURVES, strict=True):
+                steps, bands = paired_curve_bands(groups[(cell, rho)], groups[base_key], "eval_" + key)
+                if not steps:
+                    continue
+                (line,) = ax.plot(steps, [b.mean for b in bands], marker="o", ms=2, label=label,
+                                  linestyle="-" if cell == MAIN else "--")
+                if all(b.n > 1 for b in bands):
+                    ax.fill_between(steps, [b.low for b in bands], [b.high for b in bands],
+                                    color=line.get_color(), alpha=0.15, linewidth=0)
+                ax.set_title("Δ " + panel)
+                last = bands[-1]
+                out[name][key] = {"step": steps[-1], "mean": last.mean, "n": last.n,
+                                  "low": None if math.isnan(last.low) else last.low,
+                                  "high": None if math.isnan(last.high) else last.high}
+    for ax in axes:
+        ax.axhline(0.0, color="black", linewidth=0.8)
+    save_logprob_panels(fig, axes, path, title=title, caption="Paired by seed: logits-SAM minus its DPO baseline "
+                        "at the same step on the fixed held-out pairs; line: mean over seeds, band: 95 % "
+                        "t-interval. Above 0: higher log-prob than DPO.")
+    return out
+
+
 def _jsonable(summary: list[dict]) -> list[dict]:
     def iv(x):
         return None if x is None else {k: (None if isinstance(v, float) and math.isnan(v) else v)
@@ -234,12 +303,15 @@ def build_study_report(study_dir: str | Path) -> dict:
     rhos = figure_rhos(summary, options.get("figure_rhos"))
     title = options.get("title") or f"logitsam study {name}: DPO vs DPO + logits-SAM, Fig. 1c analogue"
     curves = plot_bands(runs, rhos, study_dir / "fig1c.png", title=title)
+    paired = plot_paired_bands(runs, study_dir / "fig1c_paired.png",
+                               title=f"logitsam study {name}: logits-SAM minus DPO, paired by seed")
     tables = format_tables(summary)
     seeds = sorted({int(r["seed"]) for r, _ in runs})
     md = (f"# Study {name}\n\n{len(runs)} finished runs, seeds {seeds}. Rebuild with "
-          f"`logitsam report {study_dir}`.\n\n{tables}\n![Fig. 1c analogue](fig1c.png)\n")
+          f"`logitsam report {study_dir}`.\n\n{tables}\n![Fig. 1c analogue](fig1c.png)\n\n"
+          "![Fig. 1c analogue, paired differences to DPO](fig1c_paired.png)\n")
     atomic_write_text(study_dir / "summary.md", md)
     atomic_write_json(study_dir / "summary.json", {"groups": _jsonable(summary), "figure_rhos": rhos,
-                                                   "curves": curves}, indent=2)
-    files = [study_dir / n for n in ("summary.md", "summary.json", "fig1c.png")]
+                                                   "curves": curves, "paired_curves": paired}, indent=2)
+    files = [study_dir / n for n in ("summary.md", "summary.json", "fig1c.png", "fig1c_paired.png")]
     return {"files": [str(f) for f in files], "markdown": md, "summary": summary}
