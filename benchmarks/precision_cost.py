@@ -14,7 +14,9 @@ from logitsam.bench import BenchConfig, _dpo, _inputs
 from logitsam.core import head, head_chunked, logits_sam, sequence_logps
 
 
-def _fused(delta, dtype):
+def _fused(delta, dtype, block=None):
+    if isinstance(delta, head.SplitDelta):  # the chunked ascent builds the split form directly: undo it
+        return delta.dense().to(dtype)
     return None if delta is None else delta.detach()
 
 

@@ -6,13 +6,17 @@ A TRL script changes in three lines::
     args = LogitsSAMConfig(output_dir="out", sam_rho=1e-4, ...)        # was DPOConfig(...)
     trainer = LogitsSAMDPOTrainer(model=model, args=args, ...)          # was DPOTrainer(...)
 
-Everything except the loss stays TRL's: dataset preparation and collator, the reference (a reference
-model, precomputed reference log-probs or PEFT adapters switched off, all through TRL's own
-``compute_ref_log_probs``), ``disable_dropout``, logging, checkpoints. One micro-batch (``compute_loss``):
+Everything except the loss and the head stays TRL's: dataset preparation and collator (plus the completion
+positions, found on the host), the choice of reference (a reference model, precomputed reference log-probs or PEFT
+adapters switched off), ``disable_dropout``, logging, checkpoints. One micro-batch (``compute_loss``), the same
+head step as ``logitsam train``'s (``train.step.HeadStep``):
 
     backbone once -> hidden (2B, T, d) -> head pass: plain (``sequence_logps``) or logits-SAM (``logits_sam``)
     -> ``preference_loss`` with DPOConfig's keys mapped by ``preference_loss_kwargs`` -> TRL's metrics + sam/*
 
+The reference, live or precomputed, goes through the same head without statistics (``compute_ref_log_probs``),
+chunked like the policy: no (2B, T, V) logits anywhere, and at step 1 (policy == reference) the rewards are
+exactly 0, as TRL's are. Metrics stay on the device and are reduced over ranks once per logging step.
 With ``sam_rho = 0`` the loss and gradients are TRL's own (the same formula on the same tokens); the head
 pass differs from TRL's fused head only in float rounding.
 """
@@ -23,23 +27,28 @@ import inspect
 import logging
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 try:
     import trl
+    from accelerate.utils import is_peft_model
     from trl import DPOConfig, DPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
 except ImportError as e:  # the optional extra
     raise ImportError("logitsam.trl needs TRL 1.16: pip install 'logitsam[trl]'") from e
 
 import torch
 
-from .core import IGNORE_INDEX, VARIANTS, HeadOutput, first_order_ratio, logits_sam, sequence_logps, shift_labels
+from .core import IGNORE_INDEX, VARIANTS, sequence_logps, shift_labels
 from .core.head_chunked import DEFAULT_VOCAB_CHUNK_SIZE
-from .core.losses import LOSS_TYPES, preference_loss
+from .core.losses import LOSS_TYPES
 from .core.sam import NORMS
-from .core.weighting import ld_logps, wpo_weights
 from .models import check_linear_head
 from .train._inside import head_inside_forward
+from .train.run import resolve_chunk_size
+from .train.step import COMPLETION_INDEX, DeferredMetrics, HeadStep, batch_completion_index, ratio_out_of_band
 from .train.trainer import RATIO_BAND, ratio_is_measurable
 
 logger = logging.getLogger("logitsam.trl")
@@ -74,8 +83,10 @@ class LogitsSAMConfig(DPOConfig):
     sam_variant: str = field(default="plain", metadata={
         "help": "Perturbation: plain (rho g/||g||), adaptive (the authors' rho |W|g/|| |W|g ||) or asam "
                 "(Kwon et al. 2021: rho W^2 g/|| |W|g ||).", "choices": list(VARIANTS)})
-    sam_chunk_size: int | None = field(default=None, metadata={
-        "help": "Completion tokens per chunk of every policy head pass; None: dense (n_tokens x V) logits."})
+    sam_chunk_size: str | None = field(default="auto", metadata={
+        "help": "Completion tokens per chunk of every head pass (policy and reference): an integer, None (dense "
+                "n_tokens x V logits) or auto (chunked when one micro-batch's fp32 logits would exceed 1 GiB, e.g. "
+                "always at TRL's default batch with a 128k vocabulary)."})
     sam_vocab_chunk_size: int = field(default=DEFAULT_VOCAB_CHUNK_SIZE, metadata={
         "help": "Vocabulary slice of the chunked head (used when sam_chunk_size is set)."})
 
@@ -87,13 +98,17 @@ class LogitsSAMConfig(DPOConfig):
         for key, allowed in (("sam_norm", NORMS), ("sam_variant", VARIANTS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"LogitsSAMConfig key {key!r} = {getattr(self, key)!r} is not one of {list(allowed)}")
+        if isinstance(self.sam_chunk_size, str) and self.sam_chunk_size.strip().isdigit():
+            self.sam_chunk_size = int(self.sam_chunk_size)  # from the command line
+        if isinstance(self.sam_chunk_size, str) and self.sam_chunk_size.lower() in ("none", "null"):
+            self.sam_chunk_size = None
         for key in ("sam_chunk_size", "sam_vocab_chunk_size"):
             value = getattr(self, key)
-            if value is None and key == "sam_chunk_size":
+            if key == "sam_chunk_size" and (value is None or value == "auto"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LogitsSAMConfig key {key!r} = {value!r} must be an integer >= 1"
-                                 + (" or None" if key == "sam_chunk_size" else ""))
+                                 + (", None or 'auto'" if key == "sam_chunk_size" else ""))
 
 
 def preference_loss_kwargs(args: DPOConfig) -> dict:
@@ -151,11 +166,45 @@ class LogitsSAMDPOTrainer(DPOTrainer):
             raise TypeError(f"LogitsSAMDPOTrainer needs args=LogitsSAMConfig(...) (a DPOConfig with the sam_* keys), "
                             f"got {type(args).__name__}")
         self._loss_kwargs = preference_loss_kwargs(args)
+        self._step = None  # the head step; its chunking needs the model's vocabulary (set once the model is loaded)
         super().__init__(model, ref_model, args, *pargs, **kwargs)
         if self._is_vision_dataset:
             raise ValueError("LogitsSAMDPOTrainer supports text datasets only (this one has images)")
         self._ratio_warned = False
+        self._deferred = DeferredMetrics()
+        self._with_completion_index()
         self._check_head()
+
+    @property
+    def step(self) -> HeadStep:
+        """The shared head step (``train.step.HeadStep``) with this config's loss, SAM and chunking."""
+        if self._step is None:
+            args = self.args
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            tokens = 2 * max(args.per_device_train_batch_size, args.per_device_eval_batch_size) * (args.max_length
+                                                                                                   or 1024)
+            chunk = resolve_chunk_size(args.sam_chunk_size, tokens=tokens, vocab_size=vocab)
+            aux = self.router_aux_loss_coef if getattr(self, "aux_loss_enabled", False) else 0.0
+            self._step = HeadStep(self._loss_kwargs, rho=args.sam_rho, norm=args.sam_norm, variant=args.sam_variant,
+                                  chunk_size=chunk, vocab_chunk_size=args.sam_vocab_chunk_size, ld_alpha=self.ld_alpha,
+                                  use_weighting=self.use_weighting, aux_coef=aux)
+            logger.info("LogitsSAMDPOTrainer: LM head %s (sam_chunk_size=%s, V=%d, up to %d tokens per micro-batch)",
+                        "dense" if chunk is None else f"chunked, {chunk} tokens per chunk", args.sam_chunk_size, vocab,
+                        tokens)
+        # the SAM settings are read from args at every step, as TRL reads its own
+        args = self.args
+        self._step.rho, self._step.norm, self._step.variant = args.sam_rho, args.sam_norm, args.sam_variant
+        return self._step
+
+    def _with_completion_index(self):
+        """Add the completion positions to TRL's batches, found in the collator while they are on the host (an
+        iterable dataset is dispatched by accelerate, which would split them: there the head finds them itself)."""
+        from datasets import IterableDataset
+
+        datasets = [self.train_dataset] + (list(self.eval_dataset.values()) if isinstance(self.eval_dataset, dict)
+                                           else [self.eval_dataset])
+        if not any(isinstance(d, IterableDataset) for d in datasets):
+            self.data_collator = _WithCompletionIndex(self.data_collator)
 
     def _check_head(self):
         """Our head computes ``hidden @ W^T``; refuse a policy whose logits are not that (TRL's head scales them)."""
@@ -165,123 +214,119 @@ class LogitsSAMDPOTrainer(DPOTrainer):
         batch = self.data_collator(rows)
         check_linear_head(self.model, batch["input_ids"], batch["attention_mask"])
 
-    # ---- one micro-batch ---------------------------------------------------------------------
+    # ---- the reference -----------------------------------------------------------------------
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's reference log-probs (B,), (B,) through logitsam's head, without statistics and chunked like the
+        policy's: used for the live reference and for TRL's precompute alike. ``model`` is the reference model, or
+        the policy (PEFT: its adapters switched off, as TRL does)."""
+        labels = _labels(inputs)
+        adapter = nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+
+        def head_pass(hidden, head):  # inside the model's forward, where a sharded head is gathered
+            out = sequence_logps(hidden, head, labels, with_stats=False, index=inputs.get(COMPLETION_INDEX),
+                                 **self.step.chunks)
+            return self.step.logps(out, labels)  # (2B,)
+
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                adapter, self.accelerator.autocast():
+            logps = head_inside_forward(model, inputs["input_ids"], inputs["attention_mask"], head_pass).detach()
+        return logps.chunk(2, dim=0)
+
     def _ref_logps(self, inputs):
-        """TRL's reference log-probs: precomputed, or TRL's ``compute_ref_log_probs`` (reference model,
-        or the policy with its PEFT adapters off), each (B,)."""
+        """Precomputed (a column of the batch) or computed now (the reference model, or PEFT adapters off)."""
         if self.precompute_ref_logps:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        model = self.ref_model if self.ref_model is not None else self.model
-        ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
-        return ref_chosen.detach(), ref_rejected.detach()
+        return self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else self.model, inputs)
 
-    def _logps(self, out: HeadOutput, labels) -> torch.Tensor:
-        """(2B,) the sequence log-probs TRL's loss reads: plain sums, or LD-DPO's with ``ld_alpha``."""
-        return out.logps if self.ld_alpha is None else ld_logps(out.token_logps, labels, self.ld_alpha)
-
-    def _loss_fn(self, ref_chosen, ref_rejected, labels, kept: dict):
-        def loss_fn(out: HeadOutput) -> torch.Tensor:
-            logps = self._logps(out, labels)
-            n = logps.shape[0] // 2
-            losses, _, _ = preference_loss(
-                policy_chosen_logps=logps[:n], policy_rejected_logps=logps[n:],
-                ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
-                chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths, **self._loss_kwargs,
-            )
-            if self.use_weighting:  # WPO: the clean pass's weights, reused by the perturbed pass
-                if "wpo" not in kept:
-                    kept["wpo"] = wpo_weights(out)
-                losses = losses * kept["wpo"].to(losses.dtype)
-            return losses.mean()  # TRL: sum_k w_k mean(loss_k) == mean(sum_k w_k loss_k)
-
-        return loss_fn
-
+    # ---- one micro-batch ---------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        args = self.args
-        # (2B, T): the token each position predicts, -100 outside the completions (TRL's completion_mask)
-        labels = shift_labels(inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX))
+        labels = _labels(inputs)  # (2B, T)
         ref_chosen, ref_rejected = self._ref_logps(inputs)
-        loss_fn = self._loss_fn(ref_chosen, ref_rejected, labels, {})
-        chunks = {"chunk_size": args.sam_chunk_size, "vocab_chunk_size": args.sam_vocab_chunk_size}
-        sam = args.sam_rho > 0 and model.training
-        side = {}  # the clean pass's detached HeadOutput and the SAM statistics, out of the forward
-
-        def head_pass(hidden, head):  # hidden (2B, T, d); runs as the head's forward (a sharded head is gathered)
-            if sam:
-                loss, stats = logits_sam(hidden, head, labels, loss_fn, args.sam_rho, norm=args.sam_norm,
-                                         variant=args.sam_variant, **chunks)
-                side["out"], side["sam"] = stats.pop("clean"), stats
-                return loss
-            out = sequence_logps(hidden, head, labels, **chunks)
-            side["out"] = out.detach()
-            return loss_fn(out)
-
-        aux = {} if self.aux_loss_enabled else None
-        loss = head_inside_forward(model, inputs["input_ids"], inputs["attention_mask"], head_pass, aux=aux)
-        if aux:  # TRL: loss + router_aux_loss_coef * the model's load-balancing loss
-            loss = loss + self.router_aux_loss_coef * aux["aux_loss"]
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux["aux_loss"]).mean().item())
-        self._log_trl_metrics(mode, side["out"], ref_chosen, ref_rejected, inputs, self._logps(side["out"], labels))
-        if sam:
-            self._log_sam_metrics(mode, side["sam"])
+        res = self.step(model, inputs["input_ids"], inputs["attention_mask"], labels, inputs.get(COMPLETION_INDEX),
+                        ref_chosen, ref_rejected, sam=model.training)
+        self._record_trl_metrics(mode, res, ref_chosen, ref_rejected, inputs)
         if return_outputs:  # TRL's deprecated path: the logits come from an extra forward
             warnings.warn("`return_outputs=True` recomputes the logits with an extra forward pass (as TRL does)",
                           FutureWarning, stacklevel=2)
             with torch.no_grad():
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                 use_cache=False)
-            return loss, outputs
-        return loss
+            return res.loss, outputs
+        return res.loss
 
     # ---- metrics: TRL 1.16's names, computed as its `_compute_loss` computes them --------------------
-    def _log_trl_metrics(self, mode, out: HeadOutput, ref_chosen, ref_rejected, inputs, logps):
-        gather, gather_m, store = self.accelerator.gather, self.accelerator.gather_for_metrics, self._metrics[mode]
-
-        def token_mean(total, tokens):  # a per-token mean over all ranks, 0 without tokens
-            total, tokens = gather_m(total).sum().item(), gather_m(tokens).sum().item()
-            return total / tokens if tokens > 0 else 0.0
-
-        n = out.num_pairs
-        store["entropy"].append(token_mean(out.entropy.sum(), out.lengths.sum()))
-        if mode == "train":
-            self._total_train_tokens += gather_m(inputs["attention_mask"].sum()).sum().item() // self._tp_size
-        store["num_tokens"] = [self._total_train_tokens]
-        # TRL's per-token mean_logits is the mean over the vocabulary: sum_v z_v / V
-        store["logits/chosen"].append(token_mean(out.logits_sum[:n].sum() / out.vocab_size, out.chosen_lengths.sum()))
-        store["logits/rejected"].append(token_mean(out.logits_sum[n:].sum() / out.vocab_size,
-                                                   out.rejected_lengths.sum()))
-        store["mean_token_accuracy"].append(token_mean(out.top1[:n].sum(), out.chosen_lengths.sum()))
-        chosen_logps, rejected_logps = logps[:n], logps[n:]  # LD-DPO's sums when ld_alpha is set, as in TRL
+    def _record_trl_metrics(self, mode, res, ref_chosen, ref_rejected, inputs):
+        """This micro-batch's metrics as device tensors: per-token means as (sum, count) pairs summed over ranks
+        (TRL gathers, then divides), per-pair means as (sum, pairs); reduced once per logging step."""
+        out, n = res.out, res.out.num_pairs
+        chosen_logps, rejected_logps = res.logps[:n], res.logps[n:]  # LD-DPO's sums when ld_alpha is set, as in TRL
         chosen_rewards = self.beta * (chosen_logps - ref_chosen)  # (B,)
         rejected_rewards = self.beta * (rejected_logps - ref_rejected)
-        store["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-        store["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-        store["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
-        store["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
-        store["logps/chosen"].append(gather(chosen_logps).mean().item())
-        store["logps/rejected"].append(gather(rejected_logps).mean().item())
+        pairs = torch.tensor(float(n), device=res.loss.device)
+        chosen_tokens = out.chosen_lengths.sum()
+        ratios = {
+            "entropy": (out.entropy.sum(), out.lengths.sum()),
+            # TRL's per-token mean_logits is the mean over the vocabulary: sum_v z_v / V
+            "logits/chosen": (out.logits_sum[:n].sum() / out.vocab_size, chosen_tokens),
+            "logits/rejected": (out.logits_sum[n:].sum() / out.vocab_size, out.rejected_lengths.sum()),
+            "mean_token_accuracy": (out.top1[:n].sum(), chosen_tokens),
+            "rewards/chosen": (chosen_rewards.sum(), pairs),
+            "rewards/rejected": (rejected_rewards.sum(), pairs),
+            "rewards/accuracies": ((chosen_rewards > rejected_rewards).float().sum(), pairs),
+            "rewards/margins": ((chosen_rewards - rejected_rewards).sum(), pairs),
+            "logps/chosen": (chosen_logps.sum(), pairs),
+            "logps/rejected": (rejected_logps.sum(), pairs),
+        }
+        means = {**res.extra, **{f"sam/{k}": v for k, v in res.sam.items()}}  # the mean over ranks
+        sums = {"num_tokens": inputs["attention_mask"].sum()} if mode == "train" else {}
+        self._deferred.add(mode, means=means, ratios=ratios, sums=sums)
 
-    def _log_sam_metrics(self, mode, stats: dict):
-        stats = dict(stats, first_order_ratio=first_order_ratio(stats["loss_pre"], stats["loss_post"],
-                                                                stats["first_order"]))
-        self._warn_ratio(stats)
-        keys = list(stats)
-        values = torch.tensor([[float(stats[k]) for k in keys]], device=self.accelerator.device)  # (1, K)
-        means = self.accelerator.gather(values).mean(0).tolist()  # one collective; the mean over ranks
-        for key, value in zip(keys, means, strict=True):
-            self._metrics[mode][f"sam/{key}"].append(value)
+    def _flush_metrics(self, mode):
+        """Reduce the pending micro-batches over ranks (one gather) into TRL's ``_metrics`` lists."""
+        flushed = self._deferred.flush(mode, self.accelerator.gather, self.accelerator.num_processes)
+        tokens = flushed.pop("num_tokens", None)
+        if tokens is not None:
+            self._total_train_tokens += int(sum(tokens)) // self._tp_size
+        if mode == "train":
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        for key, values in flushed.items():
+            self._metrics[mode][key].extend(values)
+        self._warn_ratio(flushed)
 
-    def _warn_ratio(self, stats: dict):
+    def log(self, logs, start_time=None):
+        self._flush_metrics("train" if self.model.training else "eval")
+        super().log(logs, start_time)
+
+    def _warn_ratio(self, flushed: dict):
         """One warning per run when ``sam/first_order_ratio`` leaves ``RATIO_BAND`` (see PreferenceTrainer)."""
-        r = stats["first_order_ratio"]
-        if self._ratio_warned or not math.isfinite(r) or not ratio_is_measurable(stats["loss_pre"],
-                                                                                 stats["first_order"]):
-            return
-        if not RATIO_BAND[0] <= r <= RATIO_BAND[1]:
+        found = None if self._ratio_warned else ratio_out_of_band(flushed, ratio_is_measurable, RATIO_BAND)
+        if found:
             self._ratio_warned = True
             why = ("the perturbation is below the working precision: logits-SAM acts as plain DPO; keep float32 "
-                   "head weights (bf16=True autocast over float32 weights) or raise sam_rho" if r < RATIO_BAND[0]
+                   "head weights (bf16=True autocast over float32 weights) or raise sam_rho" if found[1] == "low"
                    else "sam_rho is so large that the loss is far from linear over the perturbation; lower sam_rho")
             logger.warning("sam/first_order_ratio = %.3g at step %d (expected ~1, band %s): %s.",
-                           r, self.state.global_step, RATIO_BAND, why)
+                           found[0], self.state.global_step, RATIO_BAND, why)
+
+
+def _labels(inputs) -> torch.Tensor:
+    """(2B, T): the token each position predicts, -100 outside the completions (TRL's completion_mask)."""
+    return shift_labels(inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX))
+
+
+class _WithCompletionIndex:
+    """TRL's collator, plus ``completion_index``: the (n,) flat positions the head scores, found on the host."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        if "completion_mask" in batch and COMPLETION_INDEX not in batch:
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+            batch[COMPLETION_INDEX] = batch_completion_index(labels)
+        return batch

@@ -56,22 +56,29 @@ def test_first_order_ratio_is_one_in_half_precision(setting, head, rho):
     hidden, lm_head, labels, loss_fn = head_problem(w_dtype)
     with autocast(ac):
         _, st = logits_sam(hidden, lm_head, labels, loss_fn, rho, **HEADS[head])
+    st = {k: float(v) for k, v in st.items() if k != "clean"}  # 0-dim tensors: read once, here
     r = first_order_ratio(st["loss_pre"], st["loss_post"], st["first_order"])
     assert abs(r - 1) < 0.05, r
-    # <g, eps> = rho ||g|| for plain SAM with a local norm
-    assert st["first_order"] == pytest.approx(rho * st["grad_norm"], rel=1e-5)
+    # <g, eps> = rho ||g|| for plain SAM with a local norm; the chunked head reports <g, eps> for the eps it
+    # uses, whose unit direction is rounded to the compute dtype slice by slice (bf16: 2^-9 per entry)
+    tol = 1e-5 if head == "dense" else 1e-3
+    assert st["first_order"] == pytest.approx(rho * st["grad_norm"], rel=tol)
 
 
 @pytest.mark.parametrize("head", list(HEADS))
 def test_first_order_ratio_fp32(head):
     hidden, lm_head, labels, loss_fn = head_problem(torch.float32)
     _, st = logits_sam(hidden, lm_head, labels, loss_fn, 1e-3, **HEADS[head])
+    st = {k: float(v) for k, v in st.items() if k != "clean"}
     assert abs(first_order_ratio(st["loss_pre"], st["loss_post"], st["first_order"]) - 1) < 0.02
 
 
 def test_first_order_ratio_edge_cases():
     assert first_order_ratio(1.0, 1.0, 0.0) != first_order_ratio(1.0, 1.0, 0.0)  # NaN: nothing predicted
     assert first_order_ratio(1.0, 1.5, 0.25) == 2.0
+    # the tensor form (what a training step keeps until it logs): same values, no host sync
+    assert float(first_order_ratio(torch.tensor(1.0), torch.tensor(1.5), torch.tensor(0.25))) == 2.0
+    assert torch.isnan(first_order_ratio(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0)))
 
 
 def _grads(hidden, lm_head, labels, loss_fn, rho, head, ac):

@@ -49,7 +49,21 @@ def test_pad_to_multiple_and_optional_columns():
     batch = PreferenceCollator(pad_token_id=99, pad_to_multiple_of=4)(features)
     assert batch["input_ids"].shape == (4, 8)
     assert batch["input_ids"][0, 3:].tolist() == [99] * 5
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "completion_index"}
+
+
+def test_completion_index_is_the_shifted_labels_positions():
+    """The collator's host-side index equals the head's own selection of the shifted labels."""
+    from logitsam.core.head import completion_index, shift_labels
+
+    batch = PreferenceCollator(pad_token_id=99, pad_to_multiple_of=4)(_features())
+    expected = completion_index(shift_labels(batch["labels"]))
+    assert expected.numel() > 0 and torch.equal(batch["completion_index"], expected)
+    T = batch["labels"].shape[1]
+    # written out: position t of row r predicts labels[r, t + 1]
+    by_hand = [r * T + t for r in range(batch["labels"].shape[0]) for t in range(T - 1)
+               if batch["labels"][r, t + 1] != -100]
+    assert batch["completion_index"].tolist() == by_hand
 
 
 def test_collates_a_built_dataset_through_a_dataloader(tiny_tokenizer):

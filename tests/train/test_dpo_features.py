@@ -132,6 +132,7 @@ def test_wpo_and_ld_under_logits_sam_equal_the_naive_two_pass_definition(tmp_pat
     post, _ = loss_at(W.detach() + eps, w_clean)
     torch.testing.assert_close(loss.detach(), post, rtol=1e-5, atol=1e-7)
     assert float(post - clean) > 1e-4  # the perturbation acts
+    trainer._flush_metrics("train")  # metrics stay on the device until a logging step reduces them
     assert trainer._metrics["train"]["sam/loss_pre"][-1] == pytest.approx(float(clean), rel=1e-5)
     assert trainer._metrics["train"]["wpo/weight"][-1] == pytest.approx(float(w_clean.mean()), rel=1e-6)
     # the perturbed head's own weights would differ: the test can tell the two choices apart

@@ -30,7 +30,9 @@ def test_rounded_away_perturbation_warns_once(tiny_model_dir, pairs_file, tmp_pa
     """With the old fused ``W + eps`` in bf16 (eps rounds away), the run says so, once."""
     from logitsam.core import head, head_chunked
 
-    def fused(delta, dtype):
+    def fused(delta, dtype, block=None):  # eps in the compute dtype, added to the weight: rounds away in bf16
+        if isinstance(delta, head.SplitDelta):
+            return delta.dense().to(dtype)
         return None if delta is None else delta.detach()
 
     monkeypatch.setattr(head, "split_delta", fused)

@@ -153,6 +153,7 @@ def grads_of(trainer, model, inputs):
     model.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(model, inputs)
     loss.backward()
+    trainer._flush_metrics("train")  # metrics stay on the device until a logging step reduces them
     sam = {k: trainer._metrics["train"][f"sam/{k}"][-1] for k in SAM_METRICS}
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}, sam
 
@@ -214,3 +215,43 @@ def test_evaluate_equals_trl(tmp_path):
     assert not any("sam/" in k for k in ours)
     for key in ("eval_loss", *(f"eval_{k}" for k in TRL_METRICS if k != "num_tokens")):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize("reference", ["live", "precomputed", "peft"])
+@pytest.mark.parametrize("rho", [0.0, 1e-3])
+def test_step_one_rewards_are_exactly_zero(tmp_path, reference, rho):
+    """At step 1 the reference is the policy: one head for both gives rewards of exactly 0, as TRL logs (its own
+    head for both). Before, the reference went through TRL's head and the policy through ours, so margins were
+    +-1e-5 and rewards/accuracies a coin flip (0.25 to 1.0) on float rounding."""
+    tok, model, _ = models()
+    overrides = dict(sam_rho=rho, precompute_ref_log_probs=reference == "precomputed")
+    kwargs = {}
+    if reference == "peft":
+        from peft import LoraConfig
+
+        kwargs["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           task_type="CAUSAL_LM")
+    ref = copy.deepcopy(model) if reference == "live" else None
+    args = LogitsSAMConfig(**settings(tmp_path / reference, **overrides))
+    trainer = LogitsSAMDPOTrainer(model=copy.deepcopy(model), ref_model=ref, args=args, train_dataset=pairs(),
+                                  processing_class=tok, **kwargs)
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["rewards/margins"] == 0.0 and log["rewards/chosen"] == 0.0 and log["rewards/rejected"] == 0.0
+    assert log["rewards/accuracies"] == 0.0
+    assert log["loss"] == pytest.approx(0.6931471805599453, abs=1e-6) if rho == 0 else log["loss"] > 0.6931
+
+
+def test_chunking_defaults_to_auto(tmp_path):
+    """``sam_chunk_size`` defaults to auto, as in ``logitsam train``: dense for this tiny head, chunked at 152k."""
+    assert LogitsSAMConfig(**settings(tmp_path)).sam_chunk_size == "auto"
+    assert LogitsSAMConfig(**settings(tmp_path, sam_chunk_size="256")).sam_chunk_size == 256
+    tok, model, _ = models()
+    args = LogitsSAMConfig(**settings(tmp_path))
+    trainer = LogitsSAMDPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=args,
+                                  train_dataset=pairs(), processing_class=tok)
+    assert trainer.step.chunk_size is None
+    from logitsam.train.run import resolve_chunk_size
+
+    # TRL's defaults: 8 pairs x 1,024 tokens per device; Qwen2.5-7B's vocabulary
+    assert resolve_chunk_size("auto", tokens=2 * 8 * 1024, vocab_size=152064) is not None

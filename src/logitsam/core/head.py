@@ -49,25 +49,53 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 @dataclass
 class SplitDelta:
-    """A weight perturbation kept apart from the weight: ``delta = scale * unit``.
+    """A weight perturbation kept apart from the weight: row ``r`` of delta is ``scale[r // block] * unit[r]``.
 
     Attributes:
-        unit (V, d): ``delta / max|delta|`` in the compute dtype (entries in [-1, 1]: no fp16 underflow).
-        scale: 0-dim float32, ``max|delta|``.
+        unit (V, d): delta scaled per block of ``block`` rows to max-abs 1, in the compute dtype (entries in
+            [-1, 1]: no fp16 underflow). The only (V, d) buffer logits-SAM adds in a half compute dtype.
+        scale (ceil(V / block),): float32, the max-abs of each block of delta.
+        block: rows per scale; ``V`` (one scale) for the dense head, the vocabulary slice for the chunked one.
     """
 
     unit: torch.Tensor
     scale: torch.Tensor
+    block: int
+
+    def dense(self) -> torch.Tensor:
+        """delta (V, d) in float32, materialised (for tests and the fused-path comparison)."""
+        rows = self.scale.repeat_interleave(self.block)[: self.unit.shape[0]]
+        return self.unit.float() * rows[:, None]
+
+    def block_scale(self, v0: int, v1: int) -> torch.Tensor:
+        """The 0-dim scale of rows [v0, v1), which must lie in one block."""
+        if v0 // self.block != (v1 - 1) // self.block:
+            raise ValueError(f"rows [{v0}, {v1}) span two perturbation blocks of {self.block} rows")
+        return self.scale[v0 // self.block]
 
 
-def split_delta(delta: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | SplitDelta | None:
-    """``delta`` as it enters a head in compute dtype ``dtype``: fused (itself) in float32/64, split in half."""
-    if delta is None or dtype not in HALF_DTYPES:
-        return None if delta is None else delta.detach()
+def split_delta(delta: torch.Tensor | None, dtype: torch.dtype, block: int | None = None
+                ) -> torch.Tensor | SplitDelta | None:
+    """``delta`` as it enters a head in compute dtype ``dtype``: fused (itself) in float32/64, split in half.
+
+    The split form is built block by block (``block`` rows, default all), so the only temporary above the
+    (V, d) ``unit`` is one block in float32.
+    """
+    if isinstance(delta, SplitDelta) or delta is None:
+        return delta
     delta = delta.detach()
-    scale = delta.abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
-    unit = delta.to(torch.float32, copy=True).div_(scale).to(dtype)
-    return SplitDelta(unit, scale)
+    if dtype not in HALF_DTYPES:
+        return delta
+    V = delta.shape[0]
+    block = V if block is None else block
+    unit = torch.empty(delta.shape, dtype=dtype, device=delta.device)
+    scales = []
+    for v0 in range(0, V, block):
+        rows = delta[v0:v0 + block].float()
+        s = torch.linalg.vector_norm(rows, ord=float("inf")).clamp_min(torch.finfo(torch.float32).tiny)
+        unit[v0:v0 + block] = rows / s
+        scales.append(s)
+    return SplitDelta(unit, torch.stack(scales), block)
 
 # Columns of the per-token statistics tensor, in order (all computed on completion tokens only).
 STAT_NAMES = ("entropy", "argmax_prob", "top1", "sum_p2", "logits_sum", "argmax_logp", "log_sum_p2")
@@ -135,8 +163,22 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
-def valid_tokens(hidden: torch.Tensor, labels: torch.Tensor):
-    """Select the completion positions: returns ``(h (n, d), targets (n,), flat_index (n,), row (n,))``."""
+def completion_index(labels: torch.Tensor) -> torch.Tensor:
+    """(n,) long: the flat positions of ``labels (R, T)`` that are not ``IGNORE_INDEX``.
+
+    Data-dependent (``nonzero``): compute it where the labels are still on the host (the collator) and pass
+    it to the head as ``index=``, so the head step has static shapes and no host sync.
+    """
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def valid_tokens(hidden: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None):
+    """Select the completion positions: returns ``(h (n, d), targets (n,), flat_index (n,), row (n,))``.
+
+    ``index``: ``completion_index(labels)`` computed beforehand; the selection is then sync-free and the label
+    range is checked by a device-side assertion. Without it, the positions and the range are found here
+    (one host sync each: fine for library calls, not inside a training step).
+    """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(
             f"expected hidden (R, T, d) and labels (R, T); got hidden {tuple(hidden.shape)} "
@@ -144,12 +186,17 @@ def valid_tokens(hidden: torch.Tensor, labels: torch.Tensor):
         )
     T = hidden.shape[1]
     flat_labels = labels.reshape(-1)
-    flat_index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
+    flat_index = completion_index(labels) if index is None else index.to(labels.device)  # (n,)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)  # (n, d)
     return h, flat_labels.index_select(0, flat_index), flat_index, flat_index // T
 
 
-def check_targets(targets: torch.Tensor, vocab_size: int) -> None:
+def check_targets(targets: torch.Tensor, vocab_size: int, *, sync: bool = True) -> None:
+    """Labels must lie in [0, V). ``sync=False``: an asynchronous device-side assertion (no host sync)."""
+    if not sync:
+        torch._assert_async(((targets >= 0) & (targets < vocab_size)).all(),
+                            f"a label is outside the vocabulary [0, {vocab_size})")
+        return
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
         bad = targets[(targets < 0) | (targets >= vocab_size)][0].item()
         raise ValueError(
@@ -169,7 +216,7 @@ def assemble(
     R, T = labels.shape
     token_logps = token_lp.new_zeros(R * T).index_copy(0, flat_index, token_lp).view(R, T)
     logps = token_lp.new_zeros(R).index_add(0, row, token_lp)
-    lengths = torch.bincount(row, minlength=R)
+    lengths = torch.zeros(R, dtype=torch.long, device=row.device).index_add_(0, row, torch.ones_like(row))
     out = HeadOutput(token_logps=token_logps, logps=logps, lengths=lengths, vocab_size=vocab_size)
     if stats is not None:
         sums = stats.new_zeros(R, stats.shape[1]).index_add(0, row, stats)  # (R, len(STAT_NAMES))
@@ -196,7 +243,8 @@ def dense_head_logps(
     labels: torch.Tensor,
     *,
     with_stats: bool = True,
-    weight_delta: torch.Tensor | None = None,
+    weight_delta: torch.Tensor | SplitDelta | None = None,
+    index: torch.Tensor | None = None,
 ) -> HeadOutput:
     """Per-token and per-row log-probs with full logits in memory (the reference implementation).
 
@@ -205,13 +253,14 @@ def dense_head_logps(
         weight (V, d), bias (V,) or None: the head.
         labels (R, T): the token each position predicts (already shifted), -100 where ignored.
         with_stats: also compute the per-row statistics of ``HeadOutput``.
-        weight_delta (V, d) or None: a constant added to the weight (the logits-SAM eps).
+        weight_delta (V, d) or None: a constant added to the weight (the logits-SAM eps), or its split form.
+        index (n,) or None: ``completion_index(labels)`` computed beforehand (then no host sync here).
 
     Only completion positions are projected; logits are upcast to float32 before the softmax. In a
     half compute dtype the perturbed logits are ``H W^T + b + s (H U^T)`` (see the module docstring).
     """
-    h, targets, flat_index, row = valid_tokens(hidden, labels)
-    check_targets(targets, weight.shape[0])
+    h, targets, flat_index, row = valid_tokens(hidden, labels, index)
+    check_targets(targets, weight.shape[0], sync=index is None)
     cdt = compute_dtype(weight)
     delta = split_delta(weight_delta, cdt)
     if isinstance(delta, SplitDelta):
@@ -224,6 +273,11 @@ def dense_head_logps(
     token_lp = logp.gather(1, targets[:, None]).squeeze(1)  # (n,)
     stats = token_stats(logits, logp, targets) if with_stats else None
     return assemble(token_lp, stats, flat_index, row, labels, weight.shape[0])
+
+
+def _blocks(delta: SplitDelta):
+    V = delta.unit.shape[0]
+    return ((v0, min(v0 + delta.block, V)) for v0 in range(0, V, delta.block))
 
 
 def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -244,7 +298,8 @@ class _SplitLinear(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(cdt), weight.to(cdt)
             z = F.linear(hc, wc, _cast(bias, cdt)).float()
-            z += F.linear(hc, delta.unit).float() * delta.scale
+            for v0, v1 in _blocks(delta):
+                z[:, v0:v1] += F.linear(hc, delta.unit[v0:v1]).float() * delta.block_scale(v0, v1)
         ctx.save_for_backward(hc, wc)
         ctx.delta, ctx.dtypes, ctx.has_bias = delta, (h.dtype, weight.dtype), bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -253,12 +308,18 @@ class _SplitLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z):
         hc, wc = ctx.saved_tensors
-        delta, (h_dtype, w_dtype) = ctx.delta, ctx.dtypes
+        if ctx.delta is None:
+            raise RuntimeError("the logits-SAM perturbed head releases eps in its first backward; it cannot be "
+                               "backpropagated twice (retain_graph)")
+        (h_dtype, w_dtype), delta, ctx.delta = ctx.dtypes, ctx.delta, None  # eps freed as this backward ends
         grad_h = grad_w = grad_b = None
         with torch.autocast(grad_z.device.type, enabled=False):
             g = grad_z.to(hc.dtype)  # (n, V)
             if ctx.needs_input_grad[0]:
-                grad_h = ((g @ wc).float() + (g @ delta.unit).float() * delta.scale).to(h_dtype)
+                grad_h = (g @ wc).float()
+                for v0, v1 in _blocks(delta):
+                    grad_h += (g[:, v0:v1] @ delta.unit[v0:v1]).float() * delta.block_scale(v0, v1)
+                grad_h = grad_h.to(h_dtype)
             if ctx.needs_input_grad[1]:
                 grad_w = (g.T @ hc).to(w_dtype)
             if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -17,11 +17,12 @@ block in forward and one in backward (dL/dH).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from .head import (
-    STAT_NAMES,
     HeadOutput,
     SplitDelta,
     acc_dtype,
@@ -42,7 +43,7 @@ def _slices(n: int, size: int):
 
 
 def _block_weight(weight, delta, v0, v1, cdt):
-    """The block's weight in the compute dtype; a fused (float32/64) delta is added here."""
+    """The block's weight in the compute dtype, cast once per call; a fused (float32/64) delta is added here."""
     w = weight[v0:v1] if delta is None or isinstance(delta, SplitDelta) else weight[v0:v1] + delta[v0:v1]
     return w.to(cdt)  # (v, d)
 
@@ -51,15 +52,16 @@ def _block_logits(h, w_block, delta, bias, v0, v1):
     """Logits block (c, v) in the accumulation dtype; ``h`` and ``w_block`` are in the compute dtype."""
     b = None if bias is None else bias[v0:v1].to(w_block.dtype)
     z = F.linear(h, w_block, b).to(acc_dtype(w_block.dtype))
-    if isinstance(delta, SplitDelta):
-        z += F.linear(h, delta.unit[v0:v1]).float() * delta.scale  # eps's own product, summed in float32
+    if isinstance(delta, SplitDelta):  # eps's own product, summed in float32
+        z += F.linear(h, delta.unit[v0:v1]).float() * delta.block_scale(v0, v1)
     return z
 
 
 def _rows_of_delta(delta, rows, acc):
     """``delta[rows]`` in the accumulation dtype (for the one-hot part of dL/dH)."""
     if isinstance(delta, SplitDelta):
-        return delta.unit[rows].to(acc) * delta.scale
+        scale = delta.scale.repeat_interleave(delta.block)[: delta.unit.shape[0]]  # (V,) per-row scale
+        return delta.unit[rows].to(acc) * scale[rows, None]
     return delta[rows].to(acc)
 
 
@@ -73,49 +75,49 @@ def _label_hits(targets, v0, v1):
 def _forward(h, weight, delta, bias, targets, chunk_size, vocab_chunk_size, with_stats, cdt):
     """Returns lse (n,), label logit (n,) and stats (n, 7) or None, in the accumulation dtype.
 
-    Online log-sum-exp with a running max m and s = sum_v exp(z_v - m). Each block is shifted in place
-    and exponentiated once; the log-probs are computed the same way with or without statistics, so the
-    two modes agree bit for bit. Statistics ride along, rescaled like s:
+    Vocabulary slices outside, token chunks inside: each weight slice is cast to the compute dtype once per
+    call. Online log-sum-exp per token with a running max m and s = sum_v exp(z_v - m), kept for all n tokens.
+    Each block is shifted in place and exponentiated once; the log-probs are computed the same way with or
+    without statistics, so the two modes agree bit for bit. Statistics ride along, rescaled like s:
         t = sum_v exp(z_v - m) z_v,  q = sum_v exp(2 (z_v - m)),
         entropy = lse - t / s,  sum_v p_v^2 = q / s^2,  log p(y*) = -log s,  log sum_v p_v^2 = log q - 2 log s.
     """
     n, V, acc = h.shape[0], weight.shape[0], acc_dtype(cdt)
-    lse = h.new_empty(n, dtype=acc)
-    label_logit = torch.empty_like(lse)
-    stats = h.new_empty(n, len(STAT_NAMES), dtype=acc) if with_stats else None
-    for i0, i1 in _slices(n, chunk_size):
-        h_c, y_c = h[i0:i1].to(cdt), targets[i0:i1]
-        m = torch.full((i1 - i0,), float("-inf"), dtype=acc, device=h.device)
-        s, t, q, zsum, y_logit = (torch.zeros_like(m) for _ in range(5))
-        amax = torch.zeros_like(y_c)
-        for v0, v1 in _slices(V, vocab_chunk_size):
-            z = _block_logits(h_c, _block_weight(weight, delta, v0, v1, cdt), delta, bias, v0, v1)  # (c, v)
-            inside, col = _label_hits(y_c, v0, v1)
-            y_logit = torch.where(inside, z.gather(1, col[:, None]).squeeze(1), y_logit)
+    hc = h.to(cdt)  # (n, d)
+    m = torch.full((n,), float("-inf"), dtype=acc, device=h.device)
+    s, t, q, zsum, y_logit = (torch.zeros_like(m) for _ in range(5))
+    amax = torch.zeros_like(targets)
+    for v0, v1 in _slices(V, vocab_chunk_size):
+        w_block = _block_weight(weight, delta, v0, v1, cdt)
+        for i0, i1 in _slices(n, chunk_size):
+            c = slice(i0, i1)
+            z = _block_logits(hc[c], w_block, delta, bias, v0, v1)  # (c, v)
+            inside, col = _label_hits(targets[c], v0, v1)
+            y_logit[c] = torch.where(inside, z.gather(1, col[:, None]).squeeze(1), y_logit[c])
             z_max, z_arg = z.max(-1)
+            m_old = m[c].clone()
             if with_stats:
-                zsum += z.sum(-1)
-                amax = torch.where(z_max > m, z_arg + v0, amax)
-            m_new = torch.maximum(m, z_max)
-            scale = (m - m_new).exp()
+                zsum[c] += z.sum(-1)
+                amax[c] = torch.where(z_max > m_old, z_arg + v0, amax[c])
+            m_new = torch.maximum(m_old, z_max)
+            scale = (m_old - m_new).exp()
             z.sub_(m_new[:, None])  # z' = z - m_new <= 0
             if with_stats:
                 e = z.exp()
                 e_sum = e.sum(-1)
-                t = t * scale + torch.einsum("cv,cv->c", e, z) + m_new * e_sum  # sum e z = sum e z' + m sum e
-                q = q * scale * scale + torch.einsum("cv,cv->c", e, e)
+                t[c] = t[c] * scale + torch.einsum("cv,cv->c", e, z) + m_new * e_sum  # sum e z = sum e z' + m sum e
+                q[c] = q[c] * scale * scale + torch.einsum("cv,cv->c", e, e)
             else:
                 e_sum = z.exp_().sum(-1)
-            s = s * scale + e_sum
-            m = m_new
-        lse[i0:i1] = m + s.log()
-        label_logit[i0:i1] = y_logit
-        if with_stats:
-            top1 = (amax == y_c).to(acc)
-            log_s = s.log()
-            stats[i0:i1] = torch.stack([lse[i0:i1] - t / s, 1.0 / s, top1, q / (s * s), zsum, -log_s,
-                                        q.log() - 2 * log_s], dim=1)
-    return lse, label_logit, stats
+            s[c] = s[c] * scale + e_sum
+            m[c] = m_new
+    log_s = s.log()
+    lse = m + log_s
+    if not with_stats:
+        return lse, y_logit, None
+    top1 = (amax == targets).to(acc)
+    stats = torch.stack([lse - t / s, 1.0 / s, top1, q / (s * s), zsum, -log_s, q.log() - 2 * log_s], dim=1)
+    return lse, y_logit, stats
 
 
 def _accumulate(out, a, b, alpha=1.0):
@@ -127,65 +129,95 @@ def _accumulate(out, a, b, alpha=1.0):
 
 
 @torch.no_grad()
-def head_backward(h, weight, delta, bias, targets, lse, grad_lp, chunk_size, vocab_chunk_size, need, cdt=None):
+def head_backward(h, weight, delta, bias, targets, lse, grad_lp, chunk_size, vocab_chunk_size, need, cdt=None,
+                  w_sink=None, grad_w_out=None):
     """Gradients of ``sum_i grad_lp[i] log p(targets[i])`` w.r.t. (h, weight, bias), recomputing logits.
 
     The head weight is ``weight + delta`` (delta None: 0, a tensor, or a ``SplitDelta``); its gradient
     is also weight's. Blocks run in ``cdt`` (default: ``compute_dtype(weight)``).
     d log p(y_i) / d z_i = onehot(y_i) - p_i, so with g = grad_lp and P = exp(Z - lse):
         grad_h = g * W[y] - g * (P W),   grad_W = onehot^T (g h) - P^T (g h),   grad_b = onehot^T g - P^T g
-    The per-row factor g is applied to the small (c, d) operands, never to the (c, v) block, so a
-    block costs one matmul, one in-place exp and two matmuls.
-    Accumulates in float32 (float64 for float64 inputs); returns a tuple with None for gradients not needed.
+    The per-row factor g is applied to the small (n, d) operands, never to a (c, v) block, so a block costs
+    one matmul, one in-place exp and two matmuls. Vocabulary slices outside, token chunks inside: each weight
+    slice is cast once, and each (v, d) slice of grad_W is accumulated over all tokens in float32 and written
+    once, in the weight's dtype (no float32 (V, d) accumulator), or handed to ``w_sink(v0, v1, block)``
+    instead (then grad_W is not stored at all; the logits-SAM clean pass builds eps from the blocks).
+    ``grad_w_out``: a (V, d) buffer of the weight's dtype to write grad_W into; it may be the fused ``delta``
+    itself (logits-SAM donates eps: slice v of delta is read before slice v of grad_W is written).
+    grad_h and grad_b accumulate in float32 (float64 for float64 inputs). Returns (grad_h, grad_w, grad_b)
+    with None for gradients not needed.
     """
     cdt = compute_dtype(weight) if cdt is None else cdt
     n, V, acc = h.shape[0], weight.shape[0], acc_dtype(cdt)
     split = isinstance(delta, SplitDelta)
-    need_h, need_w, need_b = need[0], need[1], need[2] and bias is not None
-    grad_h = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
-    grad_b = torch.zeros(V, dtype=acc, device=h.device) if need_b else None
-    for i0, i1 in _slices(n, chunk_size):
-        h_c, y_c, g_c, lse_c = h[i0:i1].to(cdt), targets[i0:i1], grad_lp[i0:i1].to(acc), lse[i0:i1]
-        gh = (h_c.to(acc) * g_c[:, None]).to(cdt)  # (c, d)
-        # the onehot part: every target row once
-        if need_h:
-            w_y = weight[y_c].to(cdt).to(acc)
-            if delta is not None:
-                w_y += _rows_of_delta(delta, y_c, acc)
-            grad_h[i0:i1] += g_c[:, None] * w_y
-        if need_w:
-            grad_w.index_add_(0, y_c, gh.to(acc))
-        if need_b:
-            grad_b.index_add_(0, y_c, g_c)
-        for v0, v1 in _slices(V, vocab_chunk_size):
-            w_block = _block_weight(weight, delta, v0, v1, cdt)
-            p = _block_logits(h_c, w_block, delta, bias, v0, v1).sub_(lse_c[:, None]).exp_()  # (c, v) probs
+    need_h, need_w, need_b = need[0], need[1] or w_sink is not None, need[2] and bias is not None
+    hc, g = h.to(cdt), grad_lp.to(acc)  # (n, d), (n,)
+    gh = (h.to(acc) * g[:, None]).to(cdt)  # (n, d)
+    grad_h = grad_w = grad_b = None
+    if need_h:  # the onehot part: every target row once
+        w_y = weight[targets].to(cdt).to(acc)
+        if delta is not None:
+            w_y += _rows_of_delta(delta, targets, acc)
+        grad_h = g[:, None] * w_y
+    if need_w and w_sink is None:
+        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if grad_w_out is None \
+            else grad_w_out
+    if need_b:
+        grad_b = torch.zeros(V, dtype=acc, device=h.device).index_add_(0, targets, g)
+    for v0, v1 in _slices(V, vocab_chunk_size):
+        w_block = _block_weight(weight, delta, v0, v1, cdt)
+        if need_w:  # this slice's onehot part: the target rows that fall inside it
+            inside, col = _label_hits(targets, v0, v1)
+            gw = torch.zeros((v1 - v0, weight.shape[1]), dtype=acc, device=h.device)
+            gw.index_add_(0, col, gh.to(acc) * inside[:, None])
+        for i0, i1 in _slices(n, chunk_size):
+            c = slice(i0, i1)
+            p = _block_logits(hc[c], w_block, delta, bias, v0, v1).sub_(lse[c, None]).exp_()  # (c, v) probs
             p_mm = p.to(cdt)
             if need_h:
                 pw = (p_mm @ w_block).to(acc)  # (c, d)
                 if split:  # eps's own product, added in float32
-                    pw += (p_mm @ delta.unit[v0:v1]).float() * delta.scale
-                grad_h[i0:i1].addcmul_(pw, g_c[:, None], value=-1.0)
+                    pw += (p_mm @ delta.unit[v0:v1]).float() * delta.block_scale(v0, v1)
+                grad_h[c].addcmul_(pw, g[c, None], value=-1.0)
             if need_w:
-                _accumulate(grad_w[v0:v1], p_mm.T, gh, alpha=-1.0)
+                _accumulate(gw, p_mm.T, gh[c], alpha=-1.0)
             if need_b:
-                grad_b[v0:v1].addmv_(p.T, g_c, alpha=-1.0)
-    cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-    return cast(grad_h, h), cast(grad_w, weight), cast(grad_b, bias)
+                grad_b[v0:v1].addmv_(p.T, g[c], alpha=-1.0)
+        if w_sink is not None:
+            w_sink(v0, v1, gw)
+        elif need_w:
+            grad_w[v0:v1] = gw
+    cast = lambda x, like: None if x is None else x.to(like.dtype)  # noqa: E731
+    return cast(grad_h, h), grad_w, cast(grad_b, bias)
+
+
+def _take_delta(ctx):
+    """The perturbation a head's backward needs, handed over once: the (V, d) eps (or its unit direction) is then
+    freed as the head's backward ends, the first thing backward does, instead of staying alive under the rest of
+    the backward until the graph is freed (which put it on top of the step's peak memory). Such a graph can be
+    backpropagated once (as the donated gradient buffer requires anyway)."""
+    if getattr(ctx, "delta_taken", False):
+        raise RuntimeError("the logits-SAM perturbed head releases eps in its first backward; it cannot be "
+                           "backpropagated twice (retain_graph)")
+    if ctx.delta is not None:
+        ctx.delta_taken = True
+    return ctx.delta
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
     """token log-probs (n,) and detached stats (n, 7) from (h, weight [+ delta], bias, targets).
 
     ``delta`` (None, a constant tensor or a ``SplitDelta``) and ``opts = (chunk_size,
-    vocab_chunk_size, with_stats, compute dtype)`` are constants. Autocast is off inside forward and
-    backward; both run their blocks in the compute dtype captured at forward time.
+    vocab_chunk_size, with_stats, compute dtype, donate)`` are constants. ``donate``: backward writes the
+    weight's gradient into the fused delta's own buffer (logits-SAM's eps, dead after this backward), so the
+    perturbed pass adds no (V, d) buffer beyond the gradient itself; such a graph can be backpropagated once.
+    Autocast is off inside forward and backward; both run their blocks in the compute dtype captured at
+    forward time.
     """
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, delta, opts):
-        chunk_size, vocab_chunk_size, with_stats, cdt = opts
+        chunk_size, vocab_chunk_size, with_stats, cdt, _ = opts
         with torch.autocast(h.device.type, enabled=False):
             lse, label_logit, stats = _forward(h, weight, delta, bias, targets, chunk_size, vocab_chunk_size,
                                                with_stats, cdt)
@@ -199,12 +231,26 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lp, _grad_stats):
         h, weight, bias, targets, lse = ctx.saved_tensors
-        chunk_size, vocab_chunk_size, _, cdt = ctx.opts
+        chunk_size, vocab_chunk_size, _, cdt, donate = ctx.opts
         need = ctx.needs_input_grad[:3]
+        delta, ctx.delta = _take_delta(ctx), None  # released here, not when the graph is freed (see _take_delta)
+        out = None
+        if donate and need[1]:
+            buf = delta.unit if isinstance(delta, SplitDelta) else delta
+            if buf is not None and buf.dtype == weight.dtype and buf.shape == weight.shape:
+                out = buf
         with torch.autocast(grad_lp.device.type, enabled=False):
-            grads = head_backward(h, weight, ctx.delta, bias, targets, lse, grad_lp, chunk_size, vocab_chunk_size,
-                                  need=need, cdt=cdt)
+            grads = head_backward(h, weight, delta, bias, targets, lse, grad_lp, chunk_size, vocab_chunk_size,
+                                  need=need, cdt=cdt, grad_w_out=out)
         return *grads, None, None, None
+
+
+def _prepare(hidden, weight, labels, chunk_size, vocab_chunk_size, index):
+    if chunk_size < 1 or (vocab_chunk_size is not None and vocab_chunk_size < 1):
+        raise ValueError(f"chunk sizes must be positive, got {chunk_size=} {vocab_chunk_size=}")
+    h, targets, flat_index, row = valid_tokens(hidden, labels, index)
+    check_targets(targets, weight.shape[0], sync=index is None)
+    return h, targets, flat_index, row, vocab_chunk_size or weight.shape[0]
 
 
 def chunked_head_logps(
@@ -216,7 +262,9 @@ def chunked_head_logps(
     with_stats: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     vocab_chunk_size: int | None = DEFAULT_VOCAB_CHUNK_SIZE,
-    weight_delta: torch.Tensor | None = None,
+    weight_delta: torch.Tensor | SplitDelta | None = None,
+    index: torch.Tensor | None = None,
+    donate_delta: bool = False,
 ) -> HeadOutput:
     """Chunked twin of ``dense_head_logps``: same arguments and result, O(chunk x V) extra memory.
 
@@ -225,20 +273,62 @@ def chunked_head_logps(
         chunk_size: completion tokens per chunk.
         vocab_chunk_size: vocabulary slice per block (None: the whole vocabulary in one block).
         weight_delta (V, d): a constant added to the weight slice by slice (the logits-SAM eps), so
-            ``weight + weight_delta`` is never materialised; gradients still flow to ``weight``.
+            ``weight + weight_delta`` is never materialised; gradients still flow to ``weight``. A
+            ``SplitDelta`` is used as it is (its blocks must not straddle the vocabulary slices).
+        index (n,) or None: ``completion_index(labels)`` computed beforehand (then no host sync here).
+        donate_delta: the delta's buffer is the caller's to give away: backward writes the weight's gradient
+            into it when dtypes match (logits-SAM's eps; the graph can then be backpropagated once).
     """
-    if weight_delta is not None and weight_delta.requires_grad:
+    if torch.is_tensor(weight_delta) and weight_delta.requires_grad:
         raise ValueError("weight_delta must be a constant (no gradient flows through the SAM perturbation)")
-    if chunk_size < 1 or (vocab_chunk_size is not None and vocab_chunk_size < 1):
-        raise ValueError(f"chunk sizes must be positive, got {chunk_size=} {vocab_chunk_size=}")
-    h, targets, flat_index, row = valid_tokens(hidden, labels)
-    V = weight.shape[0]
-    check_targets(targets, V)
+    h, targets, flat_index, row, vocab_chunk_size = _prepare(hidden, weight, labels, chunk_size, vocab_chunk_size,
+                                                             index)
     cdt = compute_dtype(weight)
-    delta = split_delta(weight_delta, cdt)
-    token_lp, stats = _ChunkedTokenLogps.apply(h, weight, bias, targets, delta, (chunk_size, vocab_chunk_size or V,
-                                                                                 with_stats, cdt))
-    return assemble(token_lp, stats if with_stats else None, flat_index, row, labels, V)
+    delta = split_delta(weight_delta, cdt, block=vocab_chunk_size)
+    token_lp, stats = _ChunkedTokenLogps.apply(h, weight, bias, targets, delta,
+                                               (chunk_size, vocab_chunk_size, with_stats, cdt, donate_delta))
+    return assemble(token_lp, stats if with_stats else None, flat_index, row, labels, weight.shape[0])
 
 
-__all__ = ["chunked_head_logps", "head_backward", "HeadOutput", "DEFAULT_CHUNK_SIZE"]
+def chunked_head_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    loss_fn: Callable[[HeadOutput], torch.Tensor],
+    w_sink: Callable[[int, int, torch.Tensor], None],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_chunk_size: int | None = DEFAULT_VOCAB_CHUNK_SIZE,
+    index: torch.Tensor | None = None,
+) -> tuple[HeadOutput, torch.Tensor]:
+    """A clean head pass outside the training graph and ``dL/dW`` along the logit path, slice by slice.
+
+    Equals ``torch.autograd.grad(loss_fn(chunked_head_logps(hidden.detach(), w, bias, labels)), w)`` for a
+    detached copy ``w`` of ``weight``, but the gradient is never stored whole: each vocabulary slice
+    (v, d), in float32, is handed to ``w_sink(v0, v1, block)`` once. The loss reaches the head only through
+    the token log-probs (statistics are detached), so ``dL/dW = sum_i (dL/d log p_i) d log p_i / dW``:
+    one forward, the loss's gradient w.r.t. the (n,) token log-probs, one ``head_backward``.
+
+    Returns:
+        the clean ``HeadOutput`` (detached, with statistics) and the loss (0-dim, detached).
+    """
+    h, targets, flat_index, row, vocab_chunk_size = _prepare(hidden.detach(), weight, labels, chunk_size,
+                                                             vocab_chunk_size, index)
+    weight = weight.detach()
+    bias = None if bias is None else bias.detach()
+    cdt = compute_dtype(weight)
+    with torch.autocast(h.device.type, enabled=False):
+        lse, label_logit, stats = _forward(h, weight, None, bias, targets, chunk_size, vocab_chunk_size, True, cdt)
+    with torch.enable_grad():
+        token_lp = (label_logit - lse).requires_grad_()  # (n,) a leaf: the head's only path into the loss
+        clean = assemble(token_lp, stats, flat_index, row, labels, weight.shape[0])
+        loss = loss_fn(clean)
+        (grad_lp,) = torch.autograd.grad(loss, token_lp, allow_unused=True, materialize_grads=True)
+    with torch.autocast(h.device.type, enabled=False):
+        head_backward(h, weight, None, bias, targets, lse, grad_lp, chunk_size, vocab_chunk_size,
+                      need=(False, False, False), cdt=cdt, w_sink=w_sink)
+    return clean.detach(), loss.detach()
+
+
+__all__ = ["chunked_head_logps", "chunked_head_grad", "head_backward", "HeadOutput", "DEFAULT_CHUNK_SIZE"]

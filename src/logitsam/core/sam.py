@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from .head import HeadOutput, dense_head_logps
-from .head_chunked import DEFAULT_VOCAB_CHUNK_SIZE, chunked_head_logps
+from .head import HALF_DTYPES, HeadOutput, SplitDelta, compute_dtype, dense_head_logps, split_delta
+from .head_chunked import DEFAULT_VOCAB_CHUNK_SIZE, chunked_head_grad, chunked_head_logps
 
 NORMS = ("local", "global")
 NORM_FLOOR = 1e-12
@@ -32,6 +32,17 @@ def _reduce_squared_norm(sq: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 VARIANTS = ("plain", "adaptive", "asam")
+
+
+def _squared_norm(x: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """``sum x^2`` in float32 (float64 for float64 x), with no temporary above ``rows`` rows of x.
+
+    Pairwise sums over slices of rows: ``torch.linalg.vector_norm`` on the CPU accumulates a long float32
+    vector so loosely that ||g||^2 of a 49152 x 576 head comes out 0.35 % low (``square().sum()``: 5e-8).
+    """
+    flat = x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return torch.stack([flat[i:i + rows].to(acc).square().sum() for i in range(0, flat.shape[0], rows)]).sum()
 
 
 class Ascent(NamedTuple):
@@ -75,22 +86,28 @@ def sam_ascent(grads: list[torch.Tensor], weights: list[torch.Tensor], rho: floa
         ``Ascent(eps list, grad_norm, first_order)``.
     """
     check_variant(variant)
-    g = [x.detach().float() for x in grads]
-    w_abs = [w.detach().float().abs() for w in weights] if variant != "plain" else None
-    scaled = g if variant == "plain" else [a * x for a, x in zip(w_abs, g, strict=True)]
-    local_sq = torch.stack([x.square().sum() for x in scaled]).sum()
-    # <g, eps> / factor: sum g^2 (plain), sum |W| g^2 (adaptive), sum W^2 g^2 (asam)
-    along = torch.stack([(x * y).sum() for x, y in zip(scaled, g, strict=True)]).sum() if variant == "adaptive" \
-        else local_sq.clone()
+    g = [x.detach() for x in grads]
+    acc = [torch.promote_types(x.dtype, torch.float32) for x in g]  # norms accumulate in float32 at least
+    if variant == "plain":  # no temporaries: norms straight from the gradients
+        local_sq = torch.stack([_squared_norm(x).float() for x in g]).sum()
+        along = local_sq.clone()  # <g, eps> / factor = sum g^2
+    else:
+        w_abs = [w.detach().to(a).abs() for w, a in zip(weights, acc, strict=True)]
+        scaled = [wa * x.to(a) for wa, x, a in zip(w_abs, g, acc, strict=True)]  # |W| g
+        local_sq = torch.stack([_squared_norm(x).float() for x in scaled]).sum()
+        # <g, eps> / factor: sum |W| g^2 (adaptive), sum W^2 g^2 (asam)
+        along = local_sq.clone() if variant == "asam" else \
+            torch.stack([(x * y.to(x.dtype)).sum().float() for x, y in zip(scaled, g, strict=True)]).sum()
     grad_norm = _reduce_squared_norm(local_sq, norm).sqrt()
     factor = rho / grad_norm.clamp_min(NORM_FLOOR)
     eps = []
-    for i, (x, orig) in enumerate(zip(scaled, grads, strict=True)):
-        fresh = variant != "plain" or inplace or x.data_ptr() != orig.data_ptr()  # may we write into x?
-        if variant == "asam":
-            x = x.mul_(w_abs[i])
-        x = x.mul_(factor) if fresh else x * factor
-        eps.append(x.to(torch.float32 if weights[i].dtype == torch.float16 else weights[i].dtype))
+    for i, x in enumerate(g):
+        target = torch.float32 if weights[i].dtype == torch.float16 else weights[i].dtype
+        if variant == "plain":
+            e = x.mul_(factor) if inplace and x.dtype == target else x.to(target, copy=True).mul_(factor)
+        else:
+            e = (scaled[i].mul_(w_abs[i]) if variant == "asam" else scaled[i]).mul_(factor).to(target)
+        eps.append(e)
     return Ascent(eps, grad_norm, along * factor)
 
 
@@ -107,10 +124,10 @@ def head_fn(chunk_size: int | None = None, vocab_chunk_size: int | None = DEFAUL
     if chunk_size is None:
         return dense_head_logps
 
-    def head(hidden, weight, bias, labels, *, with_stats=True, weight_delta=None):
+    def head(hidden, weight, bias, labels, *, with_stats=True, weight_delta=None, index=None, donate_delta=False):
         return chunked_head_logps(
             hidden, weight, bias, labels, with_stats=with_stats, chunk_size=chunk_size,
-            vocab_chunk_size=vocab_chunk_size, weight_delta=weight_delta,
+            vocab_chunk_size=vocab_chunk_size, weight_delta=weight_delta, index=index, donate_delta=donate_delta,
         )
 
     return head
@@ -124,10 +141,68 @@ def sequence_logps(
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = DEFAULT_VOCAB_CHUNK_SIZE,
     with_stats: bool = True,
+    index: torch.Tensor | None = None,
 ) -> HeadOutput:
     """Per-token and per-sequence log-probs through the unperturbed head (see ``logits_sam``)."""
     head = head_fn(chunk_size, vocab_chunk_size)
-    return head(hidden, lm_head.weight, getattr(lm_head, "bias", None), labels, with_stats=with_stats)
+    return head(hidden, lm_head.weight, getattr(lm_head, "bias", None), labels, with_stats=with_stats, index=index)
+
+
+class BlockAscent:
+    """``sam_ascent`` for one head weight, built from its gradient one vocabulary slice at a time.
+
+    Called as ``w_sink(v0, v1, g)`` by ``chunked_head_grad`` with each (v, d) slice of ``g = dL/dW``
+    (float32, or float64 for float64 weights); ``finish`` then gives the same ``Ascent`` as
+    ``sam_perturbation(g, weight, rho)``, without a float32 (V, d) copy of g:
+    - float32/float64 compute: the unnormalised numerator (g, |W| g or W^2 g) is written into one (V, d)
+      buffer of the weight's dtype and scaled in place by ``rho / ||.||`` at the end: that buffer is eps.
+    - half compute (bf16/fp16, incl. float32 weights under autocast): each slice is stored as
+      ``unit = numerator / max|numerator|`` in the compute dtype with its float32 scale, a ``SplitDelta``
+      whose blocks are the slices; ``first_order`` is ``<g, eps>`` for the rounded unit actually used.
+    """
+
+    def __init__(self, weight: torch.Tensor, variant: str = "plain", cdt: torch.dtype | None = None,
+                 block: int | None = None):
+        self.weight, self.variant = weight.detach(), check_variant(variant)
+        self.cdt = compute_dtype(weight) if cdt is None else cdt
+        self.half = self.cdt in HALF_DTYPES
+        self.block = block or weight.shape[0]
+        self.buffer = torch.empty(weight.shape, dtype=self.cdt if self.half else weight.dtype, device=weight.device)
+        self.scales: list[torch.Tensor] = []
+        self.sq = torch.zeros((), dtype=torch.float32, device=weight.device)  # ||.||^2 of this device's head
+        self.along = torch.zeros_like(self.sq)  # <g, numerator> (times the slice scales in half compute)
+
+    def __call__(self, v0: int, v1: int, g: torch.Tensor) -> None:
+        """Take slice [v0, v1) of g (v, d); it is this call's to overwrite."""
+        w_abs = None if self.variant == "plain" else self.weight[v0:v1].to(g.dtype).abs()
+        scaled = g if w_abs is None else w_abs * g  # the norm's operand: g, or |W| g
+        sq = _squared_norm(scaled).float()
+        self.sq += sq
+        numer = scaled.mul_(w_abs) if self.variant == "asam" else scaled  # eps's direction: g, |W| g, W^2 g
+        if not self.half:
+            self.along += sq if numer is g else (numer * g).sum().float()
+            self.buffer[v0:v1] = numer
+            return
+        if v0 != len(self.scales) * self.block or v1 - v0 > self.block:
+            raise ValueError(f"vocabulary slice [{v0}, {v1}) does not match the ascent's blocks of {self.block}")
+        s = torch.linalg.vector_norm(numer, ord=float("inf")).float().clamp_min(torch.finfo(torch.float32).tiny)
+        unit = self.buffer[v0:v1]
+        unit.copy_(numer.div_(s))  # rounded to the compute dtype here
+        # <g, s * unit>: with the rounded unit, so the first-order prediction matches the eps actually used
+        if w_abs is None:  # numer was g itself, now g / s
+            self.along += s * s * (unit.to(numer.dtype) * numer).sum().float()
+        else:
+            self.along += s * (unit.to(g.dtype) * g).sum().float()
+        self.scales.append(s)
+
+    def finish(self, rho: float, norm: str = "local") -> Ascent:
+        grad_norm = _reduce_squared_norm(self.sq, norm).sqrt()
+        factor = rho / grad_norm.clamp_min(NORM_FLOOR)
+        if self.half:
+            eps = SplitDelta(self.buffer, torch.stack(self.scales) * factor, self.block)
+        else:
+            eps = self.buffer.mul_(factor.to(self.buffer.dtype))
+        return Ascent(eps, grad_norm, self.along * factor)
 
 
 def logits_sam(
@@ -141,6 +216,7 @@ def logits_sam(
     vocab_chunk_size: int | None = DEFAULT_VOCAB_CHUNK_SIZE,
     norm: str = "local",
     variant: str = "plain",
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The preference loss at the logits-SAM-perturbed head, in one backbone pass.
 
@@ -152,6 +228,13 @@ def logits_sam(
        the unperturbed weight; the returned loss backpropagates into the hidden states (hence the
        backbone) and into W. The bias is never perturbed.
 
+    Dense head: step 1 is autograd of the dense clean pass (the reference). Chunked head: ``chunked_head_grad``
+    hands g_W over slice by slice to ``BlockAscent``, so the extra head memory is one (V, d) buffer in the
+    compute dtype (eps, or its unit direction in half compute) plus one slice's working set; when that buffer
+    has the weight's dtype (float32 weights without autocast, bf16 weights) the perturbed backward writes the
+    weight's gradient into it, so nothing (V, d) is added at all. The returned loss can then be
+    backpropagated once only.
+
     Args:
         hidden (R, T, d): final hidden states, chosen rows first then rejected rows.
         lm_head: the output module (``weight (V, d)``, optional ``bias (V,)``), possibly tied.
@@ -161,11 +244,12 @@ def logits_sam(
         chunk_size, vocab_chunk_size: None for the dense head, else the chunked head's sizes.
         norm: ``"local"`` (per device and micro-batch, the authors' choice) or ``"global"``.
         variant: ``plain``, ``adaptive`` (the authors' |W|-scaled eps) or ``asam`` (see ``sam_ascent``).
+        index (n,) or None: ``head.completion_index(labels)`` computed beforehand: no host sync anywhere.
     Returns:
         loss (0-dim tensor) at the perturbed head, and stats: ``loss_pre``, ``loss_post``,
         ``grad_norm``, ``first_order`` (``<g, eps>``, the change ``loss_post - loss_pre`` should show
-        to first order; see ``first_order_ratio``) as floats, and ``clean`` (the detached clean-pass
-        ``HeadOutput`` with statistics).
+        to first order; see ``first_order_ratio``) as detached 0-dim tensors (read them once per logging
+        step, not per micro-batch), and ``clean`` (the detached clean-pass ``HeadOutput`` with statistics).
 
     Precision: in a half compute dtype (bf16/fp16 weights, or float32 weights under autocast) the
     perturbed pass forms ``H W^T`` and ``H eps^T`` as separate products and sums them in float32
@@ -174,33 +258,48 @@ def logits_sam(
     """
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     head = head_fn(chunk_size, vocab_chunk_size)
-    with torch.enable_grad():
-        w0 = weight.detach().requires_grad_(True)
-        b0 = None if bias is None else bias.detach()
-        clean = head(hidden.detach(), w0, b0, labels, with_stats=True)
-        loss_pre = loss_fn(clean)
-        (grad_w,) = torch.autograd.grad(loss_pre, w0)
-    ascent = sam_perturbation(grad_w, weight, rho, norm=norm, variant=variant, inplace=True)
-    del grad_w
-    perturbed = head(hidden, weight, bias, labels, with_stats=False, weight_delta=ascent.eps)
+    cdt = compute_dtype(weight)
+    if chunk_size is None:
+        with torch.enable_grad():
+            w0 = weight.detach().requires_grad_(True)
+            b0 = None if bias is None else bias.detach()
+            clean = dense_head_logps(hidden.detach(), w0, b0, labels, with_stats=True, index=index)
+            loss_pre = loss_fn(clean)
+            (grad_w,) = torch.autograd.grad(loss_pre, w0)
+        eps, grad_norm, first_order = sam_perturbation(grad_w, weight, rho, norm=norm, variant=variant, inplace=True)
+        del grad_w
+        delta = split_delta(eps, cdt)
+        del eps
+    else:
+        ascent = BlockAscent(weight, variant, cdt, vocab_chunk_size or weight.shape[0])
+        clean, loss_pre = chunked_head_grad(hidden, weight, bias, labels, loss_fn, ascent, chunk_size=chunk_size,
+                                            vocab_chunk_size=vocab_chunk_size, index=index)
+        delta, grad_norm, first_order = ascent.finish(rho, norm)
+    donate = {} if chunk_size is None else {"donate_delta": True}  # eps's buffer becomes the weight's gradient
+    perturbed = head(hidden, weight, bias, labels, with_stats=False, weight_delta=delta, index=index, **donate)
     loss = loss_fn(perturbed)
     stats = {
-        "loss_pre": float(loss_pre.detach()),
-        "loss_post": float(loss.detach()),
-        "grad_norm": float(ascent.grad_norm),
-        "first_order": float(ascent.first_order),
+        "loss_pre": loss_pre.detach(),
+        "loss_post": loss.detach(),
+        "grad_norm": grad_norm.detach(),
+        "first_order": first_order.detach(),
         "clean": clean.detach(),
     }
     return loss, stats
 
 
-def first_order_ratio(loss_pre: float, loss_post: float, first_order: float) -> float:
+def first_order_ratio(loss_pre, loss_post, first_order):
     """``r = (loss_post - loss_pre) / <g, eps>``: 1 + O(rho) when the perturbation really acts.
 
     Near 0 means eps was rounded away (the perturbation is below the working precision); far above
     1 means rho is so large that the loss is no longer linear over the step. NaN when the predicted
-    change is 0 (rho = 0 or a zero gradient).
+    change is 0 (rho = 0 or a zero gradient). Floats in, a float out; tensors in, a 0-dim float32 tensor
+    out (no host sync).
     """
+    if torch.is_tensor(first_order):
+        fo = first_order.float()
+        change = torch.as_tensor(loss_post, device=fo.device).float() - torch.as_tensor(loss_pre, device=fo.device)
+        return torch.where((fo == 0) | ~torch.isfinite(fo), torch.full_like(fo, float("nan")), change / fo)
     if first_order == 0.0 or not math.isfinite(first_order):
         return float("nan")
     return (loss_post - loss_pre) / first_order

@@ -21,7 +21,10 @@ class PreferenceCollator:
 
     Returns (from ``__call__``):
         ``input_ids (2B, T)`` long, ``attention_mask (2B, T)`` long, ``labels (2B, T)`` long with -100 at
-        the prompt and at padding; ``index (B,)`` long when the examples have an ``index``; and
+        the prompt and at padding; ``completion_index (n,)`` long, the flat positions ``r * T + t`` whose next
+        token is a label (``labels[r, t + 1] != -100``: the positions the LM head scores, found here on the
+        host so the training step has no data-dependent shape); ``index (B,)`` long when the examples have an
+        ``index``; and
         ``ref_chosen_logps (B,)``, ``ref_rejected_logps (B,)`` float32 when the examples have them.
     """
 
@@ -45,6 +48,9 @@ class PreferenceCollator:
             batch["input_ids"][r, :n] = torch.as_tensor(row_ids, dtype=torch.long)
             batch["attention_mask"][r, :n] = 1
             batch["labels"][r, :n] = torch.as_tensor(row_labels, dtype=torch.long)
+        predicts = batch["labels"][:, 1:] != IGNORE_INDEX  # (2B, T - 1): position t predicts token t + 1
+        rows, cols = predicts.nonzero(as_tuple=True)
+        batch["completion_index"] = rows * T + cols
         if "index" in features[0]:
             batch["index"] = torch.tensor([int(f["index"]) for f in features], dtype=torch.long)
         for key in REF_COLUMNS:

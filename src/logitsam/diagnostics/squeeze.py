@@ -59,7 +59,9 @@ def squeeze_metrics(
     ref_rejected_logps: Tensor | None = None,
     init_chosen_logps: Tensor | None = None,
     init_rejected_logps: Tensor | None = None,
-) -> dict[str, float]:
+    *,
+    as_tensors: bool = False,
+) -> dict[str, float] | dict[str, Tensor]:
     """Squeezing / likelihood-displacement metrics for one batch of B pairs.
 
     Keys (``s`` is ``chosen`` or ``rejected``; ``logps`` are sums over completion tokens):
@@ -87,6 +89,7 @@ def squeeze_metrics(
         policy: the head pass on the 2B rows (chosen first).
         ref_chosen_logps, ref_rejected_logps (B,): reference-model log-probs of the same rows.
         init_chosen_logps, init_rejected_logps (B,): the policy's log-probs of these pairs at step 0.
+        as_tensors: return 0-dim device tensors (no host sync: what a training step keeps until it logs).
     Returns:
         ``{key: float}``.
     """
@@ -123,10 +126,11 @@ def squeeze_metrics(
             for side, rows in sides.items():
                 out[f"squeeze/{stat}_{side}"] = _token_mean(values[rows], lengths[rows])
         out["squeeze/logit_hessian_trace"] = logit_hessian_trace(policy).mean()
-    return _floats(out)
+    return out if as_tensors else _floats(out)
 
 
-def dpo_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, policy: HeadOutput) -> dict[str, float]:
+def dpo_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, policy: HeadOutput, *, as_tensors: bool = False
+                ) -> dict[str, float] | dict[str, Tensor]:
     """The metrics TRL 1.x ``DPOTrainer`` logs, computed as it computes them on one process.
 
     With ``r+ = chosen_rewards``, ``r- = rejected_rewards`` (B,) (for DPO ``beta * (policy - ref)``):
@@ -148,6 +152,7 @@ def dpo_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, policy: HeadOu
     Args:
         chosen_rewards, rejected_rewards (B,): from the loss function.
         policy: the head pass on the 2B rows (chosen first).
+        as_tensors: return 0-dim device tensors instead of floats (no host sync).
     Returns:
         ``{key: float}``.
     """
@@ -170,4 +175,4 @@ def dpo_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, policy: HeadOu
             out[f"logits/{side}"] = policy.logits_sum[rows].sum() / tokens.clamp_min(1)  # 0 / 1 = 0 if empty
         out["entropy"] = _token_mean(policy.entropy, lengths)
         out["mean_token_accuracy"] = _token_mean(policy.top1[:B], lengths[:B], empty=0.0)
-    return _floats(out)
+    return out if as_tensors else _floats(out)

@@ -2,9 +2,10 @@
 
 One training micro-batch, readable in one sitting (``compute_loss``):
   one forward of the outermost (DDP / FSDP2 / DeepSpeed / PEFT-wrapped) model, inside which the backbone gives the
-  final hidden states (2B, T, d) and the LM head's forward runs the head pass: plain (``sequence_logps``) or
-  logits-SAM (``logits_sam``) -> preference loss (``_inside.py``: the wrapper gathers a sharded head there)
-  -> metrics with TRL's names. Full SAM wraps ``training_step`` in two passes instead.
+  final hidden states (2B, T, d) and the LM head's forward runs the head step (``step.HeadStep``, shared with
+  ``LogitsSAMDPOTrainer``): plain or logits-SAM -> preference loss (``_inside.py``: the wrapper gathers a sharded
+  head there) -> metrics with TRL's names, kept on the device and reduced once per logging step. No host sync
+  per micro-batch. Full SAM wraps ``training_step`` in two passes instead.
 Checkpointing, resume, accumulation, mixed precision, ``report_to``, DDP, FSDP2 and DeepSpeed come from Trainer.
 """
 
@@ -27,10 +28,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .._atomic import commit_dir, staging_dir, start_staging
 from .._atomic import write_text as atomic_write_text
 from .._memory import peak_rss_bytes
-from ..core import FullSAM, first_order_ratio, logits_sam, sequence_logps
+from ..core import FullSAM, sequence_logps
 from ..core.head import HALF_DTYPES, shift_labels
-from ..core.losses import preference_loss, requires_reference
-from ..core.weighting import ld_logps, wpo_weights
+from ..core.losses import requires_reference
 from ..diagnostics.squeeze import dpo_metrics, squeeze_metrics
 from ..models import reference_context, unwrap_model
 from ._inside import head_inside_forward
@@ -43,6 +43,7 @@ from ._sharding import (  # noqa: F401  (nonfinite_parameters, sync_reference: p
 )
 from .checkpoints import rotate_checkpoints
 from .config import ConfigError
+from .step import COMPLETION_INDEX, DeferredMetrics, HeadStep, ratio_out_of_band
 
 logger = logging.getLogger("logitsam.train")
 
@@ -116,6 +117,11 @@ class PreferenceTrainer(Trainer):
         self.sam, self.sam_rho, self.sam_norm = sam, sam_rho, sam_norm
         self.sam_variant = sam_variant
         self.chunks = {"chunk_size": chunk_size, "vocab_chunk_size": vocab_chunk_size}
+        # sam: logits with sam_rho 0 is plain DPO: the step takes the plain path (no SAM cost)
+        self.step = HeadStep({"loss_type": loss_type, "beta": beta, **self.loss_params},
+                             rho=sam_rho if sam == "logits" else 0.0, norm=sam_norm, variant=sam_variant,
+                             ld_alpha=ld_alpha, use_weighting=use_weighting,
+                             aux_coef=self.router_aux_loss_coef, **self.chunks)
         self.ref_model = None if ref_model is None else self._prepare_reference(ref_model)
         self.ref_adapter_off, self.on_nonfinite = ref_adapter_off, on_nonfinite
         self.ref_is_initial_policy = ref_is_initial_policy
@@ -125,12 +131,13 @@ class PreferenceTrainer(Trainer):
         self.full_sam = FullSAM(self.model.parameters(), sam_rho, norm=sam_norm, variant=sam_variant) \
             if sam == "full" else None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._nonfinite_in_step = False  # this rank saw a non-finite loss in the current optimizer step
+        self._nonfinite = None  # device flag: this rank saw a non-finite loss in the current optimizer step
+        self._bad_loss = None  # the last non-finite loss (device), for the message
+        self._deferred = DeferredMetrics()
         self._record = True
         self._ratio_warned = False
         self._check_master_weights()
-        if on_nonfinite == "skip":
-            self.add_callback(_SkipPoisonedStep(self))
+        self.add_callback(_SkipPoisonedStep(self))  # the once-per-step non-finite decision (stop or skip)
         if sync_ref_model:
             if self.ref_model is None:
                 raise ConfigError("config key 'sync_ref_model' = true needs a separate reference model updated from "
@@ -201,7 +208,7 @@ class PreferenceTrainer(Trainer):
         return ref
 
     @torch.no_grad()
-    def _reference_logps(self, inputs, labels):
+    def _reference_logps(self, inputs, labels, index=None):
         if not self.needs_reference:
             return None, None
         if "ref_chosen_logps" in inputs:
@@ -214,7 +221,8 @@ class PreferenceTrainer(Trainer):
             raise ValueError("loss needs reference log-probs, but no reference model or precomputed values exist")
 
         def head_pass(hidden, head):  # inside the model's forward, where a sharded head is gathered
-            return self._logps(sequence_logps(hidden, head, labels, with_stats=False, **self.chunks), labels)  # (2B,)
+            out = sequence_logps(hidden, head, labels, with_stats=False, index=index, **self.chunks)
+            return self.step.logps(out, labels)  # (2B,)
 
         with ctx:
             logps = head_inside_forward(model, inputs["input_ids"], inputs["attention_mask"], head_pass).detach()
@@ -222,69 +230,31 @@ class PreferenceTrainer(Trainer):
         return logps[:n], logps[n:]
 
     # ---- one micro-batch ---------------------------------------------------------------------
-    def _logps(self, out, labels):
-        """Per-row log-probs the loss reads: the plain sums, or LD-DPO's (``ld_alpha``)."""
-        return out.logps if self.ld_alpha is None else ld_logps(out.token_logps, labels, self.ld_alpha)
-
-    def _loss_fn(self, ref_chosen, ref_rejected, labels, keep):
-        """The loss of one head pass. The clean and the perturbed pass both call it: LD-DPO's sums and WPO's
-        weights enter both; the weights are those of the first pass with statistics (the clean one)."""
-        def loss_fn(out):
-            logps = self._logps(out, labels)
-            n = logps.shape[0] // 2
-            losses, chosen_rewards, rejected_rewards = preference_loss(
-                self.loss_type, logps[:n], logps[n:], ref_chosen, ref_rejected,
-                beta=self.beta, chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths,
-                **self.loss_params,
-            )
-            if self.use_weighting:
-                if "wpo" not in keep:
-                    keep["wpo"] = wpo_weights(out)
-                losses = losses * keep["wpo"].to(losses.dtype)
-            keep.setdefault("rewards", (chosen_rewards.detach(), rejected_rewards.detach()))
-            return losses.mean()
-
-        return loss_fn
+    def _loss_fn(self, ref_chosen, ref_rejected, labels, kept):
+        """The loss closure of one head pass (``HeadStep.loss_fn``): the seam where tests poison the loss."""
+        return self.step.loss_fn(ref_chosen, ref_rejected, labels, kept)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = shift_labels(inputs["labels"])  # (2B, T): the token each position predicts
-        ref_chosen, ref_rejected = self._reference_logps(inputs, labels)
+        index = inputs.get(COMPLETION_INDEX)  # (n,) from the collator: no host sync in the head
+        ref_chosen, ref_rejected = self._reference_logps(inputs, labels, index)
         kept: dict = {}  # the clean pass's rewards and WPO weights
         loss_fn = self._loss_fn(ref_chosen, ref_rejected, labels, kept)
-        sam = self.sam == "logits" and model.training
-        side = {}  # the clean pass's detached HeadOutput and the SAM statistics, out of the forward
-
-        def head_pass(hidden, head):  # hidden (2B, T, d); runs as the head's forward, so a sharded head is gathered
-            if sam:
-                loss, stats = logits_sam(hidden, head, labels, loss_fn, self.sam_rho, norm=self.sam_norm,
-                                         variant=self.sam_variant, **self.chunks)
-                side["out"], side["stats"] = stats.pop("clean"), stats
-                return loss
-            out = sequence_logps(hidden, head, labels, **self.chunks)
-            side["out"] = out.detach()
-            return loss_fn(out)
-
-        # backbone and the whole head computation inside the outermost wrapper's forward (see _inside.py)
-        aux = {} if self.router_aux_loss_coef else None
-        loss = head_inside_forward(model, inputs["input_ids"], inputs["attention_mask"], head_pass, aux=aux)
-        out, sam_stats = side["out"], {}
-        if aux:  # MoE: the routers' load-balancing loss, added once (it does not depend on the head)
-            loss = loss + self.router_aux_loss_coef * aux["aux_loss"].to(loss.dtype)
-            sam_stats["aux_loss"] = float(aux["aux_loss"].detach())
-        if sam:
-            stats = side["stats"]
-            stats["first_order_ratio"] = self._check_ratio(stats)
-            sam_stats = {f"sam/{k}": v for k, v in stats.items()}
-        mode = "train" if model.training else "eval"
-        finite = bool(torch.isfinite(loss.detach()))
-        if self._record:  # on every rank, finite or not: the metrics gather is a collective
-            chosen_rewards, rejected_rewards = kept["rewards"]  # clean-pass rewards
-            if "wpo" in kept:
-                sam_stats["wpo/weight"] = float(kept["wpo"].mean())
-            self._log_metrics(mode, out.detach(), chosen_rewards, rejected_rewards, ref_chosen, ref_rejected,
-                              inputs, sam_stats, poisoned=not finite)
-        if not finite:
-            loss = self._handle_nonfinite(loss, model)
+        # backbone and the whole head computation inside the outermost wrapper's forward (see _inside.py, step.py)
+        res = self.step(model, inputs["input_ids"], inputs["attention_mask"], labels, index, ref_chosen,
+                        ref_rejected, sam=self.sam == "logits" and model.training, loss_fn=loss_fn, kept=kept)
+        loss = res.loss
+        finite = torch.isfinite(loss.detach())  # a device flag: read once per optimizer step, not here
+        if self._record:
+            mode = "train" if model.training else "eval"
+            extra = {**res.extra, **{f"sam/{k}": v for k, v in res.sam.items()}}
+            self._record_metrics(mode, res, ref_chosen, ref_rejected, inputs, extra, finite)
+        if model.training:
+            self._nonfinite = ~finite if self._nonfinite is None else self._nonfinite | ~finite
+            self._bad_loss = torch.where(finite, loss.detach() if self._bad_loss is None else self._bad_loss,
+                                         loss.detach())
+        elif self.on_nonfinite == "stop" and not bool(finite):  # evaluation: not the training hot path
+            self._raise_nonfinite(loss.detach())
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
 
     def _counts_tokens(self, mode) -> bool:
@@ -293,52 +263,43 @@ class PreferenceTrainer(Trainer):
         (``include_num_input_tokens_seen``)."""
         return mode == "train" and self.args.include_num_input_tokens_seen == "no"
 
-    def _check_ratio(self, stats) -> float:
-        """``sam/first_order_ratio``, with one clear warning per run when it leaves ``RATIO_BAND``."""
-        r = first_order_ratio(stats["loss_pre"], stats["loss_post"], stats["first_order"])
-        if self._ratio_warned or not math.isfinite(r) or not ratio_is_measurable(stats["loss_pre"],
-                                                                                 stats["first_order"]):
-            return r
-        if not RATIO_BAND[0] <= r <= RATIO_BAND[1]:
+    def _warn_ratio(self, flushed) -> None:
+        """One clear warning per run when a logged ``sam/first_order_ratio`` leaves ``RATIO_BAND``."""
+        found = None if self._ratio_warned else ratio_out_of_band(flushed, ratio_is_measurable, RATIO_BAND)
+        if found:
             self._ratio_warned = True
             why = ("the perturbation is below the working precision: logits-SAM is acting as plain DPO. "
-                   "Keep float32 head weights (dtype: float32 with bf16: true) or raise sam_rho"
-                   if r < RATIO_BAND[0] else
-                   "sam_rho is so large that the loss is far from linear over the perturbation; lower sam_rho")
+                   "Keep float32 head weights (dtype: float32 with bf16: true) or raise sam_rho" if found[1] == "low"
+                   else "sam_rho is so large that the loss is far from linear over the perturbation; lower sam_rho")
             logger.warning("sam/first_order_ratio = %.3g at step %d (expected ~1, band %s): %s.",
-                           r, self.state.global_step, RATIO_BAND, why)
-        return r
+                           found[0], self.state.global_step, RATIO_BAND, why)
 
-    def _handle_nonfinite(self, loss, model):
-        """``stop``: raise. ``skip``: mark this optimizer step as poisoned and return the non-finite loss as it is.
-
-        Its backward runs like any other, so every rank issues the same gradient collectives (DDP all-reduce,
-        FSDP2 reduce-scatter, ZeRO-3): no rank waits for one that bailed out. The poisoned gradients (NaN on
-        every rank once reduced) are then dropped, all of them, by ``_agree_on_skip`` before the optimizer step.
-        """
-        step = self.state.global_step
-        message = (f"non-finite loss ({float(loss.detach())}) at step {step}; "
-                   "lower the learning rate or sam_rho, or check the data")
-        if self.on_nonfinite == "stop":
-            raise NonFiniteLossError(message + " (on_nonfinite=stop: no checkpoint is written from this state)")
-        if not model.training:
-            return loss  # an evaluation step: reported as it is, nothing to skip
-        logger.warning("%s: skipping this optimizer step (on_nonfinite=skip)", message)
-        self._nonfinite_in_step = True
-        return loss
+    def _raise_nonfinite(self, loss) -> None:
+        raise NonFiniteLossError(f"non-finite loss ({float(loss)}) at step {self.state.global_step}; lower the "
+                                 "learning rate or sam_rho, or check the data (on_nonfinite=stop: no checkpoint is "
+                                 "written from this state)")
 
     def _agree_on_skip(self) -> bool:
-        """Right before ``optimizer.step``: did any rank see a non-finite loss in this step? (One collective.)
+        """Right before ``optimizer.step``: did any rank see a non-finite loss in this step? One collective and one
+        host read per optimizer step (the micro-batches only OR a device flag).
 
-        If so, every rank drops the step's gradients (all micro-batches), so AdamW and friends leave the
-        weights and their state untouched; the learning-rate schedule still advances.
+        ``on_nonfinite: stop`` raises. ``skip``: the poisoned micro-batch's backward ran like any other, so every
+        rank issued the same gradient collectives (DDP all-reduce, FSDP2 reduce-scatter, ZeRO-3): no rank waited
+        for one that bailed out. Every rank now drops the step's gradients (all micro-batches), so AdamW and
+        friends leave the weights and their state untouched; the learning-rate schedule still advances.
         """
-        flag = torch.tensor([float(self._nonfinite_in_step)], device=self.accelerator.device)
+        if self._nonfinite is None:
+            return False
+        flag = self._nonfinite.reshape(1).float()
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(flag, reduction="sum")
-        self._nonfinite_in_step = False
+        bad_loss, self._nonfinite, self._bad_loss = self._bad_loss, None, None
         if float(flag) == 0:
             return False
+        if self.on_nonfinite == "stop":
+            self._raise_nonfinite(bad_loss if bad_loss is not None else float("nan"))
+        logger.warning("non-finite loss (%s) at step %d; lower the learning rate or sam_rho, or check the data: "
+                       "skipping this optimizer step (on_nonfinite=skip)", float(bad_loss), self.state.global_step)
         self.model.zero_grad(set_to_none=True)
         self._metrics["train"]["nonfinite_skipped"].append(1.0)
         return True
@@ -379,37 +340,35 @@ class PreferenceTrainer(Trainer):
         return loss
 
     # ---- metrics -----------------------------------------------------------------------------
-    def _log_metrics(self, mode, out, chosen_rewards, rejected_rewards, ref_chosen, ref_rejected, inputs, extra,
-                     poisoned=False):
-        """Gather this micro-batch's metrics over ranks (one collective). A ``poisoned`` (non-finite) micro-batch
-        sends NaN, so its metrics are left out of the logged means on every rank."""
-        gather = self.accelerator.gather  # per-rank means, not samples: no end-of-data truncation
+    def _record_metrics(self, mode, res, ref_chosen, ref_rejected, inputs, extra, finite):
+        """Keep this micro-batch's metrics on the device (``DeferredMetrics``); a non-finite micro-batch records NaN,
+        so it is left out of the logged means on every rank."""
         init = (inputs.get("init_chosen_logps"), inputs.get("init_rejected_logps"))
         if init[0] is None and self.ref_is_initial_policy:
             init = (ref_chosen, ref_rejected)  # the reference is the step-0 policy
-        metrics = dpo_metrics(chosen_rewards, rejected_rewards, out)
-        metrics.update(squeeze_metrics(out, ref_chosen, ref_rejected, *init))
+        metrics = dpo_metrics(*res.rewards, res.out, as_tensors=True)
+        metrics.update(squeeze_metrics(res.out, ref_chosen, ref_rejected, *init, as_tensors=True))
         metrics.update(extra)
-        # one collective per step for all metrics: stack, gather (R ranks, K), average over ranks
-        keys = list(metrics)
-        values = [float(metrics[k]) for k in keys]
-        count = self._counts_tokens(mode)
-        if count:  # rides in the same collective, summed over ranks (a poisoned micro-batch's tokens still count)
-            values.append(float(inputs["attention_mask"].sum()))
-        values = torch.tensor(values, dtype=torch.float32, device=self.accelerator.device)
-        if poisoned:
-            values[: len(keys)] = float("nan")
-        rows = gather(values[None]).reshape(-1, values.numel())
-        if count:
-            self.state.num_input_tokens_seen += int(rows[:, -1].sum())
-        means = rows[:, : len(keys)].mean(0).tolist()
-        store = self._metrics[mode]
-        for key, value in zip(keys, means, strict=True):
-            store[key].append(value)
+        nan = torch.full((), float("nan"), device=finite.device)
+        metrics = {k: torch.where(finite, v.float(), nan) for k, v in metrics.items()}
+        # TRL's num_tokens: summed over ranks (a poisoned micro-batch's tokens still count)
+        sums = {"num_tokens": inputs["attention_mask"].sum()} if self._counts_tokens(mode) else {}
+        self._deferred.add(mode, means=metrics, sums=sums)
+
+    def _flush_metrics(self, mode) -> None:
+        """Reduce the micro-batches' metrics since the last flush over ranks (every rank calls this together)."""
+        flushed = self._deferred.flush(mode, self.accelerator.gather, self.accelerator.num_processes)
+        tokens = flushed.pop("num_tokens", [])
+        self.state.num_input_tokens_seen += int(sum(tokens))
+        for key, values in flushed.items():
+            self._metrics[mode][key].extend(values)
+        if mode == "train":
+            self._warn_ratio(flushed)
 
     def log(self, logs, start_time=None):
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
+        self._flush_metrics(mode)
         for key, values in self._metrics[mode].items():
             values = [v for v in values if not math.isnan(v)]
             if values:
@@ -431,6 +390,7 @@ class PreferenceTrainer(Trainer):
         """Trainer's checkpoint, built in a hidden staging folder and renamed to ``checkpoint-N`` once every
         rank has written its part (weights, optimizer, scheduler, RNG, trainer_state.json): a run killed at
         any moment leaves each ``checkpoint-N`` complete or absent. Rotation (``save_total_limit``) runs after."""
+        self._flush_metrics("train")  # num_input_tokens_seen in the saved state counts every step so far
         bad = nonfinite_parameters(self.model, self.accelerator)
         if bad:
             raise NonFiniteLossError(f"refusing to checkpoint at step {self.state.global_step}: "
