@@ -406,7 +406,7 @@ def load_reference(
     if name_or_path is None:
         import copy
 
-        ref = copy.deepcopy(policy.module if _is_data_parallel(policy) else policy)
+        ref = copy.deepcopy(_unwrap_parallel(policy))
         if dtype is not None:
             ref.to(_torch_dtype(dtype))
     else:
@@ -433,7 +433,7 @@ def reference_context(model: nn.Module) -> Iterator[nn.Module]:
     Run the reference forward under torch.no_grad() as usual. Raises TypeError for a model without
     adapters, which has no reference mode; use `load_reference` for those.
     """
-    inner = model.module if _is_data_parallel(model) else model
+    inner = _unwrap_parallel(model)
     if not _is_peft(inner):
         raise TypeError(
             f"reference_context needs a PEFT model (load_model(..., lora=...)), got {type(inner).__name__}; "
@@ -447,8 +447,18 @@ def reference_context(model: nn.Module) -> Iterator[nn.Module]:
 # Wrappers, head and hidden states
 
 
-def _is_data_parallel(model: nn.Module) -> bool:
-    return isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel)
+def _unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module under torch.compile, DDP / DataParallel, DeepSpeed and FSDP1 wrappers (accelerate's own list).
+
+    FSDP2 and regional compilation change the modules in place and need no unwrapping; PEFT is not peeled here.
+    """
+    if isinstance(model, PreTrainedModel) or _is_peft(model):
+        # nothing to peel; and accelerate's helper imports deepspeed when it is installed (seconds, once) and
+        # reads package metadata on every call, which this skips in the per-step calls on an unwrapped model
+        return model
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -460,9 +470,8 @@ def _is_peft(model: nn.Module) -> bool:
 
 
 def unwrap_model(model: nn.Module) -> PreTrainedModel:
-    """The transformers model under DDP / DataParallel and PEFT wrappers."""
-    if _is_data_parallel(model):
-        model = model.module
+    """The transformers model under torch.compile, DDP / DataParallel, DeepSpeed, FSDP1 and PEFT wrappers."""
+    model = _unwrap_parallel(model)
     if _is_peft(model):
         model = model.get_base_model()
     if not isinstance(model, PreTrainedModel):

@@ -5,23 +5,58 @@ through hooks its forward registered. A head applied after ``model(...)`` has re
 layout left behind: a sharded ``DTensor`` (FSDP2, when the head's group reshards after forward) or an empty
 partition (ZeRO-3); calling ``DTensor.full_tensor()`` on it would leave the head's gradient unreduced.
 
-So for one call, the LM head module's ``forward`` is replaced by ``head_pass`` (an instance attribute, put
-back afterwards). The outermost module is called as usual, with ``logits_to_keep=0``: its hooks run (FSDP2
-unshard/reshard and backward hooks, DDP's gradient sync, PEFT adapters), the model's own forward runs the
-backbone and calls the head on the final hidden states of every position, and ``head_pass`` computes
-everything the step needs from the head's gathered weight -- clean pass, eps, perturbed pass, loss -- and
-returns one tensor, which the model returns as its ``logits``. No (B, T, V) logits are built.
+So for one call, the LM head module runs ``head_pass`` as its forward. The outermost module is called as
+usual, with ``logits_to_keep=0``: its hooks run (FSDP2 unshard/reshard and backward hooks, DDP's gradient
+sync, PEFT adapters), the model's own forward runs the backbone and calls the head on the final hidden states
+of every position, and ``head_pass`` computes everything the step needs from the head's gathered weight --
+clean pass, eps, perturbed pass, loss -- and returns one tensor, which the model returns as its ``logits``.
+No (B, T, V) logits are built.
+
+torch.compile: the head gets one persistent forward (``_head_forward``, bound on the instance at first use),
+which runs the pass set in a slot on the head for the duration of the call, else the head's own forward. What
+dynamo guards on -- the bound forward and a bool -- is the same at every step, so the compiled model is not
+recompiled per step. The pass itself runs eager (``torch.compiler.disable``): a new closure each step that
+writes side results into the caller's dicts, with ``torch.autograd.grad`` in logits-SAM, it is one deliberate
+graph break (traced instead, it split into 24 graphs, recompiled over the first five steps). The backbone
+before it compiles to one graph.
 """
 
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..models import lm_head_of, unwrap_model
+
+
+def _head_forward(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The head's forward: the current head pass inside ``head_inside_forward``, else the head's own forward."""
+    if head._logitsam_active:  # a bool: dynamo guards on its value, the same at every step
+        return _run_head_pass(head, hidden)
+    own = head._logitsam_own_forward  # a forward bound on the instance before ours (accelerate's hooks), or None
+    return own(hidden) if own is not None else type(head).forward(head, hidden)
+
+
+@torch.compiler.disable
+def _run_head_pass(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return head._logitsam_pass(hidden)  # a new closure each call: read only here, outside the compiled graph
+
+
+def _install_head_forward(head: nn.Module) -> None:
+    """Bind ``_head_forward`` on the head at its first use; later calls change nothing.
+
+    A wrapper bound on the instance later (accelerate's ``add_hook_to_module``) calls ours in turn, so the
+    pass still runs, with the wrapper's hooks around it.
+    """
+    if "_logitsam_own_forward" in head.__dict__:
+        return
+    head._logitsam_own_forward = head.__dict__.get("forward")
+    head._logitsam_active, head._logitsam_pass = False, None
+    head.forward = types.MethodType(_head_forward, head)
 
 
 def head_inside_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -46,7 +81,7 @@ def head_inside_forward(model: nn.Module, input_ids: torch.Tensor, attention_mas
         what ``head_pass`` returned, after the wrapper's post-forward hooks (FSDP2 registers its
         pre-backward hook on it: the head's weight is gathered again for the backward).
     """
-    base = unwrap_model(model.module if type(model).__name__ == "DeepSpeedEngine" else model)
+    base = unwrap_model(model)
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         raise TypeError(f"{type(base).__name__}.forward has no logits_to_keep; it would build full logits")
     head = lm_head_of(base)
@@ -56,16 +91,14 @@ def head_inside_forward(model: nn.Module, input_ids: torch.Tensor, attention_mas
         calls.append(hidden.shape)
         return head_pass(hidden, head)
 
-    own = head.__dict__.get("forward")  # a forward already bound on the instance (accelerate's hooks)
-    head.forward = forward
+    _install_head_forward(head)
+    outer = head._logitsam_active, head._logitsam_pass
+    head._logitsam_active, head._logitsam_pass = True, forward
     try:
         extra = {"output_router_logits": True} if aux is not None else {}
         out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=0, use_cache=False, **extra)
     finally:
-        if own is None:
-            del head.forward
-        else:
-            head.forward = own
+        head._logitsam_active, head._logitsam_pass = outer
     assert len(calls) == 1, f"the LM head ran {len(calls)} times in one forward"
     assert tuple(calls[0][:2]) == tuple(input_ids.shape), f"head saw {tuple(calls[0])} for {tuple(input_ids.shape)}"
     if aux is not None and getattr(out, "aux_loss", None) is not None:
