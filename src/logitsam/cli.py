@@ -43,6 +43,13 @@ def _int_at_least(low: int):
     return parse
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    return value
+
+
 def _judge_spec(text: str) -> str:
     if text != "vader" and not (text.startswith("reward:") and len(text) > len("reward:")):
         raise argparse.ArgumentTypeError(f"{text!r} is not 'vader' or 'reward:MODEL'")
@@ -193,6 +200,21 @@ def cmd_bench(args, extra):
 
     values = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None}
     main(BenchConfig(**values), memory=not args.no_memory, output=args.output)
+
+
+def cmd_simulate(args, extra):
+    from .simulate import HEADS, PRECISIONS
+    from .simulate.report import markdown_report, run
+    from .simulate.step import Batch
+
+    heads = HEADS if "all" in args.head else tuple(dict.fromkeys(args.head))
+    precisions = PRECISIONS if "all" in args.precision else tuple(dict.fromkeys(args.precision))
+    batch = Batch(pairs=args.pairs, seq_len=args.seq_len, completion_fraction=args.completion_fraction)
+    result = run(args.models, heads=heads, precisions=precisions, batch=batch, world_size=args.fsdp,
+                 gradient_checkpointing=not args.no_gradient_checkpointing)
+    print(markdown_report(result))
+    if args.output:
+        write_json(args.output, result, indent=2)
 
 
 def cmd_theory(args, extra):
@@ -388,6 +410,26 @@ def _add_bench(add_parser, common) -> None:
 
 
 
+def _add_simulate(add_parser, common) -> None:
+    from .simulate import DEFAULT_MODELS, HEADS, MODELS, PRECISIONS
+
+    p = add_parser("simulate", help="peak memory of one training step at real model shapes, simulated (no GPU)",
+                   epilog="Example: logitsam simulate --models qwen2.5-7b --fsdp 8 --head all --output sim.json")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS), metavar="NAME",
+                   help=f"model shapes, of {', '.join(MODELS)} (default: all but tiny-llama)")
+    p.add_argument("--fsdp", type=_int_at_least(0), default=0, help="FSDP2 world size (0: one process)")
+    p.add_argument("--head", nargs="+", choices=[*HEADS, "all"], default=["all"],
+                   help="auto: chunked when one micro-batch's fp32 logits exceed 1 GiB (sam_chunk_size: auto)")
+    p.add_argument("--precision", nargs="+", choices=[*PRECISIONS, "all"], default=[PRECISIONS[0]],
+                   help="bf16-autocast: float32 master weights under bf16 autocast; bf16: bf16 weights")
+    p.add_argument("--pairs", type=_int_at_least(1), default=8, help="preference pairs per device (TRL: 8)")
+    p.add_argument("--seq_len", type=_int_at_least(2), default=1024, help="tokens per row (TRL's max_length)")
+    p.add_argument("--completion_fraction", type=_fraction, default=0.5, help="share of each row that is completion")
+    p.add_argument("--no_gradient_checkpointing", action="store_true")
+    p.add_argument("--output", help="also write every run as JSON here")
+    p.set_defaults(func=cmd_simulate)
+
+
 def _add_eval(add_parser, common) -> None:
     p = add_parser("eval", help="evaluate a checkpoint: preference accuracy, log-prob shifts, win rate, flatness",
                    epilog="Example: logitsam eval --model runs/dpo --dataset_name pairs.jsonl --split train "
@@ -530,8 +572,8 @@ def _add_theory(add_parser, common) -> None:
     p.set_defaults(func=cmd_theory)
 
 
-_COMMANDS = (_add_train, _add_bench, _add_eval, _add_ches, _add_compare, _add_report, _add_study, _add_data,
-             _add_demo, _add_theory)
+_COMMANDS = (_add_train, _add_bench, _add_simulate, _add_eval, _add_ches, _add_compare, _add_report, _add_study,
+             _add_data, _add_demo, _add_theory)
 
 
 def build_parser() -> argparse.ArgumentParser:
