@@ -45,7 +45,7 @@ def ratio(setting, rho, chunk_size, vocab, hidden_size, tokens, seed=0):
         _, st = logits_sam(hidden, head, labels, loss_fn, rho, chunk_size=chunk_size)
     # <g, eps> = rho ||g|| for plain SAM; older versions report only grad_norm
     predicted = st.get("first_order", rho * st["grad_norm"])
-    return (st["loss_post"] - st["loss_pre"]) / predicted
+    return float((st["loss_post"] - st["loss_pre"]) / predicted)  # the stats are 0-dim tensors
 
 
 def main():
