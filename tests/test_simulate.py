@@ -5,6 +5,8 @@
   (``torch.profiler`` memory events, which also see what a kernel allocates for itself);
 - FSDP2 on a fake process group: each rank holds 1 / world of the parameters and optimizer state;
 - logits-SAM against DPO: the chunked head's extra over DPO is its bf16 eps direction (V x d x 2 bytes).
+- the TRL trainers: their live reference model's parameters are counted, and TRL's fused head step grows as the
+  allocator counts.
 
 Every step here is a 2-layer Llama (V=4096, d=128, 4 pairs of 64 tokens): about a second each.
 """
@@ -110,3 +112,73 @@ def test_cli_prints_a_table_and_writes_json(tmp_path, capsys):
     assert [(r["head"], r["loss"]) for r in result["rows"]] == [
         ("dense", "dpo"), ("dense", "logits-sam"), ("chunked", "dpo"), ("chunked", "logits-sam")]
     assert all(r["peak"]["peak"] > 0 for r in result["rows"])
+
+
+# ---- the TRL trainers: LogitsSAMDPOTrainer and TRL's DPOTrainer, each with TRL's live reference model ----------
+
+
+def test_trl_trainers_count_the_live_reference_model():
+    """``ours`` reads precomputed reference log-probs: N parameters. Both TRL trainers keep TRL's default live
+    reference model: 2 N parameters at rest, the same AdamW state and gradients (the reference has neither)."""
+    steps = {t: _step(trainer=t, rho=1e-4, chunk_size=32) for t in ("ours", "trl-subclass", "trl")}
+    N, k = steps["ours"]["num_params"], steps["ours"]["num_param_tensors"]
+    for trainer, r in steps.items():
+        live = trainer != "ours"
+        assert r["ref_params"] == (N if live else 0)
+        assert r["rest"]["params"] == (2 if live else 1) * N * 4, trainer
+        assert r["rest"]["optimizer"] == 2 * N * 4 + 4 * k, trainer
+        assert r["after_backward"]["grads"] == N * 4, trainer
+        assert r["peak"]["peak"] > r["rest"]["peak"]
+        b = budget(TINY, num_params=N, num_param_tensors=k, precision="bf16-autocast", batch=BATCH, world_size=0,
+                   chunk_size=32, trainer=trainer)
+        assert b["reference"] == (N * 4 if live else 0) and r["rest"]["params"] == b["params"] + b["reference"]
+    for trainer in ("trl-subclass", "trl"):  # the reference's forward is a phase of its own, before the backward
+        assert set(steps[trainer]["phases"]) == {"reference", "forward", "head", "backward", "optimizer"}
+
+
+def test_trl_fused_head_step_grows_as_much_as_a_real_one():
+    """TRL's fused head (its torch path on the CPU: tile buffer, fold temporaries, float32 gradient accumulators)
+    and the live reference, whose bf16 weight copies autocast caches: the fake step grows as the allocator counts."""
+    batch = Batch(pairs=2, seq_len=32)
+    fake = _step(trainer="trl", batch=batch)
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    _step(trainer="trl", batch=batch, fake=False, around_step=prof)
+    assert fake["peak"]["peak"] - fake["rest"]["peak"] == pytest.approx(_allocator_growth(prof), rel=0.01)
+
+
+def test_the_simulated_defaults_are_the_trainers_defaults():
+    """step.SUBCLASS_DEFAULTS / TRL_LOSS copy LogitsSAMConfig's and DPOConfig's defaults (the simulate layer does
+    not import logitsam.trl); report.subclass_chunk_size resolves "auto" as LogitsSAMDPOTrainer.step does."""
+    import dataclasses
+
+    from logitsam.simulate.report import subclass_chunk_size
+    from logitsam.simulate.step import SUBCLASS_DEFAULTS, TRL_LOSS
+    from logitsam.trl import LogitsSAMConfig
+
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(LogitsSAMConfig)}
+    assert {k: defaults[k] for k in SUBCLASS_DEFAULTS} == SUBCLASS_DEFAULTS
+    assert defaults["loss_type"] == TRL_LOSS["loss_type"] and defaults["beta"] == TRL_LOSS["beta"]
+    assert defaults["loss_weights"] is None and TRL_LOSS["loss_weights"] == [1.0]  # preference_loss_kwargs' default
+    assert defaults["precompute_ref_log_probs"] is False  # TRL's default: a live reference model
+    assert (defaults["per_device_train_batch_size"], defaults["max_length"]) == (Batch().pairs, Batch().seq_len)
+    qwen = model_config("qwen2.5-7b")  # 2 x 8 x 1024 tokens x 152k vocabulary: 4.6 GiB of fp32 logits, chunked
+    assert subclass_chunk_size("auto", qwen, Batch()) == 512
+    assert subclass_chunk_size("auto", TINY, Batch(pairs=1, seq_len=64)) is None  # eval batch 8: 1024 x 4096 x 4
+
+
+def test_cli_compares_the_trainers(tmp_path, capsys):
+    from logitsam.cli import main
+
+    out = tmp_path / "trl.json"
+    main(["simulate", "--models", "tiny-llama", "--pairs", "2", "--seq_len", "32", "--head", "chunked",
+          "--trainer", "all", "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert "| trainer | precision | head | loss | reference |" in printed and "| trl | bf16-autocast |" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["trainer"], r["loss"]) for r in rows] == [
+        ("ours", "dpo"), ("ours", "logits-sam"), ("trl-subclass", "logits-sam"), ("trl", "dpo")]
+    assert rows[-1]["extra_over_trl"] == 0 and all(r["extra_over_trl"] is not None for r in rows)
+    assert [r["reference"] for r in rows] == ["precomputed", "precomputed", "live model", "live model"]
+    with pytest.raises(SystemExit):
+        main(["simulate", "--models", "tiny-llama", "--trainer", "trl", "--fsdp", "2"])

@@ -203,15 +203,19 @@ def cmd_bench(args, extra):
 
 
 def cmd_simulate(args, extra):
-    from .simulate import HEADS, PRECISIONS
+    from .simulate import HEADS, PRECISIONS, TRAINERS
     from .simulate.report import markdown_report, run
     from .simulate.step import Batch
 
     heads = HEADS if "all" in args.head else tuple(dict.fromkeys(args.head))
     precisions = PRECISIONS if "all" in args.precision else tuple(dict.fromkeys(args.precision))
+    trainers = TRAINERS if "all" in args.trainer else tuple(t for t in TRAINERS if t in args.trainer)
+    if args.fsdp and trainers != ("ours",):
+        raise SystemExit("logitsam simulate: --trainer trl / trl-subclass (a live reference model) is simulated in "
+                         "one process only; drop --fsdp")
     batch = Batch(pairs=args.pairs, seq_len=args.seq_len, completion_fraction=args.completion_fraction)
     result = run(args.models, heads=heads, precisions=precisions, batch=batch, world_size=args.fsdp,
-                 gradient_checkpointing=not args.no_gradient_checkpointing)
+                 gradient_checkpointing=not args.no_gradient_checkpointing, trainers=trainers)
     print(markdown_report(result))
     if args.output:
         write_json(args.output, result, indent=2)
@@ -411,7 +415,7 @@ def _add_bench(add_parser, common) -> None:
 
 
 def _add_simulate(add_parser, common) -> None:
-    from .simulate import DEFAULT_MODELS, HEADS, MODELS, PRECISIONS
+    from .simulate import DEFAULT_MODELS, HEADS, MODELS, PRECISIONS, TRAINERS
 
     p = add_parser("simulate", help="peak memory of one training step at real model shapes, simulated (no GPU)",
                    epilog="Example: logitsam simulate --models qwen2.5-7b --fsdp 8 --head all --output sim.json")
@@ -422,6 +426,10 @@ def _add_simulate(add_parser, common) -> None:
                    help="auto: chunked when one micro-batch's fp32 logits exceed 1 GiB (sam_chunk_size: auto)")
     p.add_argument("--precision", nargs="+", choices=[*PRECISIONS, "all"], default=[PRECISIONS[0]],
                    help="bf16-autocast: float32 master weights under bf16 autocast; bf16: bf16 weights")
+    p.add_argument("--trainer", nargs="+", choices=[*TRAINERS, "all"], default=[TRAINERS[0]],
+                   help="ours: logitsam's trainer, precomputed reference; trl-subclass: LogitsSAMDPOTrainer at its "
+                        "defaults (rho 1e-4, sam_chunk_size from --head, auto its default); trl: TRL's DPOTrainer "
+                        "at its defaults (fused head); both TRL ones with TRL's live reference model. One process")
     p.add_argument("--pairs", type=_int_at_least(1), default=8, help="preference pairs per device (TRL: 8)")
     p.add_argument("--seq_len", type=_int_at_least(2), default=1024, help="tokens per row (TRL's max_length)")
     p.add_argument("--completion_fraction", type=_fraction, default=0.5, help="share of each row that is completion")

@@ -12,6 +12,13 @@ Variants: DPO (rho 0) or logits-SAM; a dense, chunked (512 tokens x 8,192 vocabu
 ``auto`` head (``train.run.resolve_chunk_size``: chunked when one micro-batch's fp32 logits, rows x T x V
 x 4 bytes, exceed 1 GiB); float32 master weights under bf16 autocast, or bf16 weights.
 
+Trainers (``--trainer``): ``ours`` (the step above, precomputed reference log-probs), ``trl-subclass``
+(``LogitsSAMDPOTrainer`` at ``LogitsSAMConfig``'s defaults: logits-SAM at rho 1e-4, ``sam_chunk_size`` auto) and
+``trl`` (TRL 1.16's ``DPOTrainer`` at ``DPOConfig``'s defaults, its fused head); the two TRL trainers keep TRL's
+default live reference model: N more parameters, and autocast's bf16 copies of them during the reference's
+forward (``step`` module docstring). One process only. TRL's fused head runs its CPU path (every position
+scored, torch fold temporaries its GPU Triton kernels do not allocate), so its head phases read high.
+
 Analytic budget per device (``report.budget``): N parameters, W ranks (1 without FSDP), b = 4 bytes for
 float32 master weights or 2 for bf16 weights, R rows of T tokens, n completion tokens, L layers,
 hidden size d, vocabulary V:
@@ -69,3 +76,6 @@ MODELS = (*DEFAULT_MODELS, "tiny-llama")  # the keys of shapes.SHAPES
 HEADS = ("dense", "chunked", "auto")
 LOSSES = ("dpo", "logits-sam")
 PRECISIONS = ("bf16-autocast", "bf16")
+# whose training step: logitsam's PreferenceTrainer (precomputed reference), LogitsSAMDPOTrainer at its defaults,
+# TRL 1.16's own DPOTrainer at its defaults (both with TRL's live reference model)
+TRAINERS = ("ours", "trl-subclass", "trl")
