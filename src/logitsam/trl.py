@@ -266,7 +266,7 @@ class LogitsSAMDPOTrainer(DPOTrainer):
         chosen_logps, rejected_logps = res.logps[:n], res.logps[n:]  # LD-DPO's sums when ld_alpha is set, as in TRL
         chosen_rewards = self.beta * (chosen_logps - ref_chosen)  # (B,)
         rejected_rewards = self.beta * (rejected_logps - ref_rejected)
-        pairs = torch.tensor(float(n), device=res.loss.device)
+        pairs = torch.full((), float(n), device=res.loss.device)  # a fill, not a host-to-device copy
         chosen_tokens = out.chosen_lengths.sum()
         ratios = {
             "entropy": (out.entropy.sum(), out.lengths.sum()),

@@ -153,6 +153,7 @@ def head_backward(h, weight, delta, bias, targets, lse, grad_lp, chunk_size, voc
     need_h, need_w, need_b = need[0], need[1] or w_sink is not None, need[2] and bias is not None
     hc, g = h.to(cdt), grad_lp.to(acc)  # (n, d), (n,)
     gh = (h.to(acc) * g[:, None]).to(cdt)  # (n, d)
+    gh_acc = gh.to(acc) if need_w else None  # the onehot part's rows, cast once for all slices
     grad_h = grad_w = grad_b = None
     if need_h:  # the onehot part: every target row once
         w_y = weight[targets].to(cdt).to(acc)
@@ -169,7 +170,7 @@ def head_backward(h, weight, delta, bias, targets, lse, grad_lp, chunk_size, voc
         if need_w:  # this slice's onehot part: the target rows that fall inside it
             inside, col = _label_hits(targets, v0, v1)
             gw = torch.zeros((v1 - v0, weight.shape[1]), dtype=acc, device=h.device)
-            gw.index_add_(0, col, gh.to(acc) * inside[:, None])
+            gw.index_add_(0, col, gh_acc * inside[:, None])
         for i0, i1 in _slices(n, chunk_size):
             c = slice(i0, i1)
             p = _block_logits(hc[c], w_block, delta, bias, v0, v1).sub_(lse[c, None]).exp_()  # (c, v) probs

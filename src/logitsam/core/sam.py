@@ -88,7 +88,7 @@ def sam_ascent(grads: list[torch.Tensor], weights: list[torch.Tensor], rho: floa
     check_variant(variant)
     g = [x.detach() for x in grads]
     acc = [torch.promote_types(x.dtype, torch.float32) for x in g]  # norms accumulate in float32 at least
-    if variant == "plain":  # no temporaries: norms straight from the gradients
+    if variant == "plain":  # no (V, d) temporary: norms from row slices of the gradients
         local_sq = torch.stack([_squared_norm(x).float() for x in g]).sum()
         along = local_sq.clone()  # <g, eps> / factor = sum g^2
     else:

@@ -21,6 +21,7 @@ import torch
 
 from ..core import HeadOutput, first_order_ratio, logits_sam, sequence_logps
 from ..core.head import IGNORE_INDEX, completion_index, shift_labels
+from ..core.head_chunked import DEFAULT_VOCAB_CHUNK_SIZE
 from ..core.losses import preference_loss
 from ..core.weighting import ld_logps, wpo_weights
 from ._inside import head_inside_forward
@@ -71,7 +72,7 @@ class HeadStep:
     norm: str = "local"
     variant: str = "plain"
     chunk_size: int | None = None
-    vocab_chunk_size: int | None = 8192
+    vocab_chunk_size: int | None = DEFAULT_VOCAB_CHUNK_SIZE
     ld_alpha: float | None = None
     use_weighting: bool = False
     aux_coef: float = 0.0
