@@ -673,6 +673,32 @@ def test_label_smoothing_means_what_trl_means(name, ls):
     torch.testing.assert_close(ours[0], run_trl(name, label_smoothing=ls), rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("ls", [1e-3, 0.1, 0.4])
+def test_exo_pair_equals_trl_in_float64(ls):
+    """exo_pair in float64 is TRL 1.16's to 1e-12 once TRL's own constant is float64 too, and exact.
+
+    TRL forms ``epsilon = torch.tensor(self.label_smoothing)``, a float32 tensor (the default dtype), so its
+    ``log1p(-eps)`` and ``log(eps)`` round at ~1e-8 and its float64 losses sit ~5e-8 (ls = 1e-3) from the
+    exact value. Ours forms both constants in Python floats (float64): run TRL's branch with float64 as the
+    default dtype and the two agree to rounding; the whole gap to TRL as it runs is its float32 epsilon.
+    """
+    ours = run("exo_pair", label_smoothing=ls)[0]
+    z = [BETA * d for d in DELTA]
+    exact = [sig(x) * (logsig(x) - math.log1p(-ls)) + sig(-x) * (logsig(-x) - math.log(ls)) for x in z]
+    torch.testing.assert_close(ours, t(exact), rtol=0, atol=1e-12)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        trl64 = run_trl("exo_pair", label_smoothing=ls)
+    finally:
+        torch.set_default_dtype(prev)
+    torch.testing.assert_close(ours, trl64, rtol=0, atol=1e-12)
+    eps32 = torch.tensor(ls, dtype=torch.float32)
+    log_pw, log_pl = float(torch.log1p(-eps32)), float(torch.log(eps32))  # TRL's constants, as TRL rounds them
+    gap = [sig(x) * (math.log1p(-ls) - log_pw) + sig(-x) * (math.log(ls) - log_pl) for x in z]
+    torch.testing.assert_close(run_trl("exo_pair", label_smoothing=ls) - ours, t(gap), rtol=0, atol=1e-12)
+
+
 def test_every_trl_loss_equals_trl_branch():
     """The other TRL 1.16 losses on the same numbers, with our defaults (discopop_tau: TRL's 0.05)."""
     for name in ("hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",

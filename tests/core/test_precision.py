@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from logitsam.core import chunked_head_logps, dense_head_logps, first_order_ratio, logits_sam, sequence_logps
 from logitsam.core import head_chunked as hc
-from logitsam.core.head import SplitDelta, compute_dtype, split_delta
+from logitsam.core.head import SplitDelta, compute_dtype, reduced_fp32_matmul, split_compute, split_delta
 
 V, D, TOKENS = 8192, 256, 512  # the head shape of the issue's table, not a toy vocabulary
 HEADS = {"dense": {}, "chunked": {"chunk_size": 128, "vocab_chunk_size": 2048}}
@@ -217,3 +217,133 @@ def test_compute_dtype():
     assert compute_dtype(w) == torch.float32 and compute_dtype(w.bfloat16()) == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert compute_dtype(w) == torch.bfloat16 and compute_dtype(w.double()) == torch.float64
+
+
+
+# ---- float32 weights under reduced-precision float32 matmuls (TF32, oneDNN bf16) ----------------------
+
+
+def _round_fp32(x, bits):
+    """``x`` (float32) rounded to nearest-even with ``bits`` explicit mantissa bits (bf16: 7, TF32: 10)."""
+    drop = 23 - bits
+    i = x.detach().contiguous().view(torch.int32)
+    i = (i + ((1 << (drop - 1)) - 1) + ((i >> drop) & 1)) & ~((1 << drop) - 1)
+    return x + (i.view(torch.float32) - x).detach()  # straight-through: the dense clean pass differentiates W
+
+
+_FP32_FLAGS = (  # the new-API precision flags the tests below may set (torch >= 2.9), restored afterwards
+    (torch.backends, "fp32_precision"),
+    (torch.backends.cuda.matmul, "fp32_precision"),
+    (torch.backends.mkldnn.matmul, "fp32_precision"),
+)
+
+
+@pytest.fixture
+def matmul_precision():
+    """Yields ``torch.set_float32_matmul_precision``; every fp32-precision flag is restored afterwards and
+    the process is back at "highest" (the default) whatever the test did."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name in _FP32_FLAGS if hasattr(obj, name)]
+    try:
+        yield torch.set_float32_matmul_precision
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+        assert torch.get_float32_matmul_precision() == "highest"
+
+
+@pytest.fixture
+def emulate_reduced_matmul(monkeypatch):
+    """``F.linear`` (every logits product of both heads) rounds float32 inputs as the hardware does when fp32
+    matmuls may run in reduced precision: to bf16 at "medium" (oneDNN on AMX CPUs), to TF32 (10-bit mantissa)
+    at "high" (CUDA tensor cores); float32 accumulation. Other CPUs ignore the setting (this test machine
+    computed bit-exact float32 at "medium"), so without the emulation the bug would not show here."""
+    real_linear = F.linear
+
+    def linear(x, w, b=None):
+        prec = torch.get_float32_matmul_precision()
+        if prec != "highest" and x.dtype == w.dtype == torch.float32:
+            bits = 7 if prec == "medium" else 10
+            x, w = _round_fp32(x, bits), _round_fp32(w, bits)
+        return real_linear(x, w, b)
+
+    monkeypatch.setattr(hc.F, "linear", linear)
+
+
+def test_emulated_reduced_matmul(matmul_precision, emulate_reduced_matmul):
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(8, 64, generator=g), torch.randn(32, 64, generator=g) * 0.02
+    torch.testing.assert_close(F.linear(h, w), h @ w.T)
+    for prec, dtype in (("medium", torch.bfloat16), ("high", None)):
+        matmul_precision(prec)
+        if dtype is not None:  # bf16 inputs, float32 accumulation
+            torch.testing.assert_close(F.linear(h, w), h.to(dtype).float() @ w.to(dtype).float().T)
+        w_grid = _round_fp32(w, 7)  # W on the bf16 grid, hence on TF32's: an eps below half the spacing is lost
+        assert torch.equal(F.linear(h, w_grid * (1 + 2**-13)), F.linear(h, w_grid))
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("rho", [1e-4, 1e-3])
+@pytest.mark.parametrize("matmul", ["emulated", "native"])
+def test_first_order_ratio_fp32_reduced_matmul(matmul_precision, request, matmul, head, rho):
+    """float32 weights with ``set_float32_matmul_precision("medium")``: eps must still act (r ~ 1).
+
+    The weights are a bf16 checkpoint loaded in float32 (on the bf16 grid, as at step 0 of such a run). The
+    fused ``H (W + eps)^T`` lost eps in the bf16-rounded matmul input: emulated r = 0.010 (rho 1e-4) and
+    0.086 (1e-3), dense and chunked (TF32 at "high": 0.07 and 0.57). Weights off the grid dither the loss
+    into r ~ 1 on average, with noise that grows as the head shrinks. Now float32 takes the split path
+    of a half compute dtype. "native": this machine's own backend (bf16 on AMX CPUs; elsewhere exact).
+    """
+    if matmul == "emulated":
+        request.getfixturevalue("emulate_reduced_matmul")
+    hidden, lm_head, labels, loss_fn = head_problem(torch.float32)
+    lm_head.weight.data = lm_head.weight.data.bfloat16().float()
+    matmul_precision("medium")
+    _, st = logits_sam(hidden, lm_head, labels, loss_fn, rho, **HEADS[head])
+    st = {k: float(v) for k, v in st.items() if k != "clean"}
+    r = first_order_ratio(st["loss_pre"], st["loss_post"], st["first_order"])
+    assert abs(r - 1) < 0.05, r
+
+
+def test_reduced_fp32_matmul_detection(matmul_precision):
+    """The helper reads the global precision, the legacy CUDA flag and the new per-backend flags (torch >= 2.9,
+    where ``get_float32_matmul_precision`` itself raises once the two APIs were mixed)."""
+    assert not reduced_fp32_matmul() and not reduced_fp32_matmul("cuda") and not reduced_fp32_matmul("cpu")
+    assert not split_compute(torch.float32, "cpu") and not split_compute(torch.float64, "cpu")
+    assert split_compute(torch.bfloat16, "cpu") and split_compute(torch.float16, "cuda")
+    for prec in ("high", "medium"):
+        matmul_precision(prec)
+        assert reduced_fp32_matmul() and reduced_fp32_matmul("cuda") and reduced_fp32_matmul(torch.device("cpu"))
+        assert split_compute(torch.float32, "cpu") and not split_compute(torch.float64, "cpu")
+        delta = torch.full((4, 3), 1e-7)
+        assert isinstance(split_delta(delta, torch.float32), SplitDelta)
+    matmul_precision("highest")
+    assert not reduced_fp32_matmul("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True  # what TrainingArguments(tf32=True) does
+    assert reduced_fp32_matmul("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert not reduced_fp32_matmul("cuda")
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # the torch >= 2.9 API
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert reduced_fp32_matmul("cuda") and not reduced_fp32_matmul("cpu")
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        assert reduced_fp32_matmul("cpu") and not reduced_fp32_matmul("cuda")
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    assert not reduced_fp32_matmul("cuda") and not reduced_fp32_matmul("cpu")
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_rho_zero_is_bit_identical_to_plain_under_reduced_fp32_matmul(matmul_precision, head):
+    """The split path float32 takes under reduced-precision matmuls keeps rho = 0 exactly plain DPO (this
+    machine's kernels; the emulation above rounds in forward only, so its dL/dH would differ by design)."""
+    hidden, lm_head, labels, loss_fn = head_problem(torch.float32, vocab=1024, tokens=128)
+    matmul_precision("medium")
+    assert split_compute(torch.float32, hidden.device)
+    plain = _grads(hidden, lm_head, labels, loss_fn, 0.0, head, None)
+    h = hidden.detach().clone().requires_grad_()
+    lm_head.zero_grad()
+    loss, _ = logits_sam(h, lm_head, labels, loss_fn, 0.0, **HEADS[head])
+    loss.backward()
+    assert torch.equal(loss.detach(), plain[0])
+    assert torch.equal(h.grad, plain[1]) and torch.equal(lm_head.weight.grad, plain[2])

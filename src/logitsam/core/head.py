@@ -17,8 +17,14 @@ half-precision weight: bf16's spacing at |W| ~ 0.02 is ~1e-4, so ``W + eps`` rou
 In a half compute dtype the perturbed logits are therefore formed as two products,
 ``Z = H W^T + s * (H U^T)`` with ``eps = s U`` (``U = eps / max|eps|``, so fp16 does not underflow),
 each product in the compute dtype, the sum in float32 (``split_delta``). This costs one extra
-(tokens x V x d) matmul in forward and one in backward (dL/dH). In float32/float64 the fused
-``H (W + eps)^T`` is exact to rounding and is kept.
+(tokens x V x d) matmul in forward and one in backward (dL/dH). In float64, and in float32 when float32
+matmuls are exact, the fused ``H (W + eps)^T`` is exact to rounding and is kept. Float32 matmuls that
+may run in reduced precision (TF32 on CUDA: ``allow_tf32``, which TrainingArguments ``tf32: true`` sets;
+``torch.set_float32_matmul_precision("high"/"medium")``) round their *inputs* to 11 (TF32) or 8 (bf16)
+significant bits, so ``W + eps`` loses eps as in half precision: float32 then takes the split path too
+(``reduced_fp32_matmul``, ``split_compute``). The clean product is the same bits in the clean and the
+perturbed pass, and ``H U^T`` carries eps with the matmul's relative error (2^-9 .. 2^-11), not its
+absolute spacing at |W|.
 """
 
 from __future__ import annotations
@@ -39,6 +45,46 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _flag(read):
+    """A precision flag's value, or None where this torch lacks it or refuses to read it (torch >= 2.9 raises
+    when the legacy and the new fp32-precision APIs were mixed)."""
+    try:
+        return read()
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def reduced_fp32_matmul(device: torch.device | str | None = None) -> bool:
+    """Whether float32 matmuls on ``device`` (default CPU) may round their inputs below float32 precision.
+
+    True when ``torch.get_float32_matmul_precision()`` is not ``"highest"`` ("high": TF32, "medium": bf16
+    allowed), or the device's backend flag allows it: on CUDA ``torch.backends.cuda.matmul.allow_tf32`` (the
+    legacy flag) or ``torch.backends.cuda.matmul.fp32_precision == "tf32"`` (torch >= 2.9), on CPU
+    ``torch.backends.mkldnn.matmul.fp32_precision`` in ("tf32", "bf16"). Then a fused ``H (W + eps)^T`` with a
+    float32 weight rounds the logits-SAM eps (~1e-7) away with W's low mantissa bits, so the heads keep
+    eps apart (``split_compute``). Read at call time: cheap, no device sync.
+    """
+    if _flag(torch.get_float32_matmul_precision) not in (None, "highest"):
+        return True
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind == "cuda":
+        matmul = torch.backends.cuda.matmul
+        return bool(_flag(lambda: matmul.allow_tf32)) or _flag(lambda: matmul.fp32_precision) == "tf32"
+    if kind == "cpu":
+        mkldnn = getattr(torch.backends, "mkldnn", None)
+        return _flag(lambda: mkldnn.matmul.fp32_precision) in ("tf32", "bf16")
+    return False
+
+
+def split_compute(dtype: torch.dtype, device: torch.device | str | None = None) -> bool:
+    """Whether a weight perturbation must be kept apart from the weight in compute dtype ``dtype``.
+
+    Half dtypes always (``W + eps`` rounds back to W); float32 when its matmuls run in reduced precision
+    (``reduced_fp32_matmul``: TF32 or bf16 inputs lose eps the same way); float64 never.
+    """
+    return dtype in HALF_DTYPES or (dtype == torch.float32 and reduced_fp32_matmul(device))
+
+
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype the head's matmuls run in: the autocast dtype for a float32 weight under autocast, else its own."""
     device = weight.device.type
@@ -53,7 +99,7 @@ class SplitDelta:
 
     Attributes:
         unit (V, d): delta scaled per block of ``block`` rows to max-abs 1, in the compute dtype (entries in
-            [-1, 1]: no fp16 underflow). The only (V, d) buffer logits-SAM adds in a half compute dtype.
+            [-1, 1]: no fp16 underflow). The only (V, d) buffer logits-SAM adds in a split compute dtype.
         scale (ceil(V / block),): float32, the max-abs of each block of delta.
         block: rows per scale; ``V`` (one scale) for the dense head, the vocabulary slice for the chunked one.
     """
@@ -76,7 +122,8 @@ class SplitDelta:
 
 def split_delta(delta: torch.Tensor | None, dtype: torch.dtype, block: int | None = None
                 ) -> torch.Tensor | SplitDelta | None:
-    """``delta`` as it enters a head in compute dtype ``dtype``: fused (itself) in float32/64, split in half.
+    """``delta`` as it enters a head in compute dtype ``dtype``: split when ``split_compute(dtype, device)``
+    (half dtypes; float32 under reduced-precision matmuls), else fused (itself: float64, exact float32).
 
     The split form is built block by block (``block`` rows, default all), so the only temporary above the
     (V, d) ``unit`` is one block in float32.
@@ -84,7 +131,7 @@ def split_delta(delta: torch.Tensor | None, dtype: torch.dtype, block: int | Non
     if isinstance(delta, SplitDelta) or delta is None:
         return delta
     delta = delta.detach()
-    if dtype not in HALF_DTYPES:
+    if not split_compute(dtype, delta.device):
         return delta
     V = delta.shape[0]
     block = V if block is None else block
@@ -257,7 +304,8 @@ def dense_head_logps(
         index (n,) or None: ``completion_index(labels)`` computed beforehand (then no host sync here).
 
     Only completion positions are projected; logits are upcast to float32 before the softmax. In a
-    half compute dtype the perturbed logits are ``H W^T + b + s (H U^T)`` (see the module docstring).
+    half compute dtype, or float32 under reduced-precision matmuls (TF32), the perturbed logits are
+    ``H W^T + b + s (H U^T)`` (see the module docstring).
     """
     h, targets, flat_index, row = valid_tokens(hidden, labels, index)
     check_targets(targets, weight.shape[0], sync=index is None)
@@ -267,7 +315,7 @@ def dense_head_logps(
         logits = _SplitLinear.apply(h, weight, bias, delta, cdt)  # (n, V) float32
     else:
         if delta is not None:
-            weight = weight + delta  # float32/float64: the naive definition, exact to rounding
+            weight = weight + delta  # float64 / exact float32: the naive definition, exact to rounding
         logits = F.linear(h, weight, bias).to(acc_dtype(cdt))  # (n, V)
     logp = logits.log_softmax(-1)
     token_lp = logp.gather(1, targets[:, None]).squeeze(1)  # (n,)
@@ -285,7 +333,7 @@ def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 class _SplitLinear(torch.autograd.Function):
-    """``Z = H W^T + b + s (H U^T)`` in float32 from two products in the compute dtype (dense, half only).
+    """``Z = H W^T + b + s (H U^T)`` in float32 from two products in the compute dtype (dense, split only).
 
     Backward keeps the eps term apart in the same way:
         dL/dH = (G W) + s (G U)  (each product in the compute dtype, summed in float32, cast once),

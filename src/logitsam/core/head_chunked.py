@@ -10,9 +10,10 @@ Per token: lse = m + log s with a running max m and s = sum_v exp(z_v - m) (see 
 
 Precision: the blocks are computed in the compute dtype (``head.compute_dtype``: the caller's autocast
 dtype for float32 weights under autocast, else the weight's), in forward *and* backward, with
-autocast off inside and explicit casts. A perturbation in a half compute dtype is kept apart from the
-weight (``head.SplitDelta``): each block is ``h W_v^T + b_v + s (h U_v^T)``, one extra matmul per
-block in forward and one in backward (dL/dH).
+autocast off inside and explicit casts. A perturbation in a half compute dtype, or in float32 when
+float32 matmuls may run in reduced precision (TF32 / bf16 inputs: ``head.reduced_fp32_matmul``), is kept
+apart from the weight (``head.SplitDelta``, ``head.split_compute``): each block is
+``h W_v^T + b_v + s (h U_v^T)``, one extra matmul per block in forward and one in backward (dL/dH).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def _slices(n: int, size: int):
 
 
 def _block_weight(weight, delta, v0, v1, cdt):
-    """The block's weight in the compute dtype, cast once per call; a fused (float32/64) delta is added here."""
+    """The block's weight in the compute dtype, cast once per call; a fused (float64, exact float32) delta is added
+    here."""
     w = weight[v0:v1] if delta is None or isinstance(delta, SplitDelta) else weight[v0:v1] + delta[v0:v1]
     return w.to(cdt)  # (v, d)
 

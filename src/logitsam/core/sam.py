@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from .head import HALF_DTYPES, HeadOutput, SplitDelta, compute_dtype, dense_head_logps, split_delta
+from .head import HeadOutput, SplitDelta, compute_dtype, dense_head_logps, split_compute, split_delta
 from .head_chunked import DEFAULT_VOCAB_CHUNK_SIZE, chunked_head_grad, chunked_head_logps
 
 NORMS = ("local", "global")
@@ -154,23 +154,25 @@ class BlockAscent:
     Called as ``w_sink(v0, v1, g)`` by ``chunked_head_grad`` with each (v, d) slice of ``g = dL/dW``
     (float32, or float64 for float64 weights); ``finish`` then gives the same ``Ascent`` as
     ``sam_perturbation(g, weight, rho)``, without a float32 (V, d) copy of g:
-    - float32/float64 compute: the unnormalised numerator (g, |W| g or W^2 g) is written into one (V, d)
-      buffer of the weight's dtype and scaled in place by ``rho / ||.||`` at the end: that buffer is eps.
-    - half compute (bf16/fp16, incl. float32 weights under autocast): each slice is stored as
-      ``unit = numerator / max|numerator|`` in the compute dtype with its float32 scale, a ``SplitDelta``
-      whose blocks are the slices; ``first_order`` is ``<g, eps>`` for the rounded unit actually used.
+    - float64, or float32 with exact matmuls: the unnormalised numerator (g, |W| g or W^2 g) is written into
+      one (V, d) buffer of the weight's dtype and scaled in place by ``rho / ||.||`` at the end: that buffer
+      is eps.
+    - split compute (``head.split_compute``: bf16/fp16, incl. float32 weights under autocast, and float32
+      whose matmuls may round to TF32/bf16): each slice is stored as ``unit = numerator / max|numerator|``
+      in the compute dtype with its float32 scale, a ``SplitDelta`` whose blocks are the slices;
+      ``first_order`` is ``<g, eps>`` for the rounded unit actually used.
     """
 
     def __init__(self, weight: torch.Tensor, variant: str = "plain", cdt: torch.dtype | None = None,
                  block: int | None = None):
         self.weight, self.variant = weight.detach(), check_variant(variant)
         self.cdt = compute_dtype(weight) if cdt is None else cdt
-        self.half = self.cdt in HALF_DTYPES
+        self.split = split_compute(self.cdt, weight.device)
         self.block = block or weight.shape[0]
-        self.buffer = torch.empty(weight.shape, dtype=self.cdt if self.half else weight.dtype, device=weight.device)
+        self.buffer = torch.empty(weight.shape, dtype=self.cdt if self.split else weight.dtype, device=weight.device)
         self.scales: list[torch.Tensor] = []
         self.sq = torch.zeros((), dtype=torch.float32, device=weight.device)  # ||.||^2 of this device's head
-        self.along = torch.zeros_like(self.sq)  # <g, numerator> (times the slice scales in half compute)
+        self.along = torch.zeros_like(self.sq)  # <g, numerator> (times the slice scales in split compute)
 
     def __call__(self, v0: int, v1: int, g: torch.Tensor) -> None:
         """Take slice [v0, v1) of g (v, d); it is this call's to overwrite."""
@@ -179,7 +181,7 @@ class BlockAscent:
         sq = _squared_norm(scaled).float()
         self.sq += sq
         numer = scaled.mul_(w_abs) if self.variant == "asam" else scaled  # eps's direction: g, |W| g, W^2 g
-        if not self.half:
+        if not self.split:
             self.along += sq if numer is g else (numer * g).sum().float()
             self.buffer[v0:v1] = numer
             return
@@ -198,7 +200,7 @@ class BlockAscent:
     def finish(self, rho: float, norm: str = "local") -> Ascent:
         grad_norm = _reduce_squared_norm(self.sq, norm).sqrt()
         factor = rho / grad_norm.clamp_min(NORM_FLOOR)
-        if self.half:
+        if self.split:
             eps = SplitDelta(self.buffer, torch.stack(self.scales) * factor, self.block)
         else:
             eps = self.buffer.mul_(factor.to(self.buffer.dtype))
@@ -230,7 +232,7 @@ def logits_sam(
 
     Dense head: step 1 is autograd of the dense clean pass (the reference). Chunked head: ``chunked_head_grad``
     hands g_W over slice by slice to ``BlockAscent``, so the extra head memory is one (V, d) buffer in the
-    compute dtype (eps, or its unit direction in half compute) plus one slice's working set; when that buffer
+    compute dtype (eps, or its unit direction in split compute) plus one slice's working set; when that buffer
     has the weight's dtype (float32 weights without autocast, bf16 weights) the perturbed backward writes the
     weight's gradient into it, so nothing (V, d) is added at all. The returned loss can then be
     backpropagated once only.
@@ -251,10 +253,12 @@ def logits_sam(
         to first order; see ``first_order_ratio``) as detached 0-dim tensors (read them once per logging
         step, not per micro-batch), and ``clean`` (the detached clean-pass ``HeadOutput`` with statistics).
 
-    Precision: in a half compute dtype (bf16/fp16 weights, or float32 weights under autocast) the
+    Precision: in a half compute dtype (bf16/fp16 weights, or float32 weights under autocast), and for
+    float32 weights whose matmuls may run in reduced precision (TF32: ``allow_tf32``, TrainingArguments
+    ``tf32``, ``set_float32_matmul_precision("high"/"medium")``; see ``head.reduced_fp32_matmul``), the
     perturbed pass forms ``H W^T`` and ``H eps^T`` as separate products and sums them in float32
-    (``head.split_delta``), so eps is not rounded away; the clean product is the same bits in both
-    passes, so ``loss_post - loss_pre`` measures eps alone.
+    (``head.split_delta``), so eps is not rounded away with W's low mantissa bits; the clean product is
+    the same bits in both passes, so ``loss_post - loss_pre`` measures eps alone.
     """
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     head = head_fn(chunk_size, vocab_chunk_size)
