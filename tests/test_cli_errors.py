@@ -311,6 +311,7 @@ def test_stray_and_repeated_tokens(train, pairs, capsys):
     (["eval", "--model", "m", "--dataset_name", "d.jsonl", "--prompts_file", "nope.jsonl"], "nope.jsonl: no such file"),
     (["report", "no/such/run"], "no/such/run: no such file or directory"),
     (["ches", "--dataset_name", "d.jsonl", "--max_samples", "0"], "0 is not >= 1"),
+    (["report", "no/such/run", "--output_dir", "out"], "no/such/run: no such file or directory"),
     (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
 ])
 def test_bad_flags_are_usage_errors(argv, fragment, capsys):
@@ -433,6 +434,53 @@ def test_eval_cuda_device_without_cuda(tmp_path, pairs, capsys):
     assert line == "logitsam eval: error: argument --device: 'cuda': CUDA is not available on this machine"
 
 
+EVAL = ["eval", "--model", "m", "--dataset_name", "d.jsonl"]
+CHES = ["ches", "--model", "m", "--dataset_name", "d.jsonl"]
+
+
+@pytest.mark.parametrize("argv, line", [
+    ([*EVAL, "--dtype", "fp8"],
+     "logitsam eval: error: argument --dtype: 'fp8' is not one of float32, bfloat16, float16, auto"),
+    ([*CHES, "--dtype", "bf16"],
+     "logitsam ches: error: argument --dtype: 'bf16' is not one of float32, bfloat16, float16, auto"),
+    ([*EVAL, "--sam_chunk_size", "0"],
+     "logitsam eval: error: argument --sam_chunk_size: '0' must be an integer >= 1, null (dense head) or auto"),
+    ([*EVAL, "--sam_chunk_size", "big"],
+     "logitsam eval: error: argument --sam_chunk_size: 'big' must be an integer >= 1, null (dense head) or auto"),
+    ([*EVAL, "--sam_vocab_chunk_size", "auto"], "logitsam eval: error: argument --sam_vocab_chunk_size: 'auto' "
+                                                "must be an integer >= 1 or null (the whole vocabulary)"),
+    ([*EVAL, "--use_cpu", "maybe"], "logitsam eval: error: argument --use_cpu: 'maybe' is not true or false"),
+    ([*CHES, "--use_cpu", "2"], "logitsam ches: error: argument --use_cpu: '2' is not true or false"),
+    ([*CHES, "--sam_chunk_size", "8"], "logitsam: error: unrecognized arguments: --sam_chunk_size 8"),  # no head
+    ([*EVAL, "--use_cpu", "--device", "mps"],
+     "logitsam eval: error: --use_cpu true and --device mps conflict; keep one"),
+    ([*CHES, "--use_cpu", "yes", "--device", "mps"],
+     "logitsam ches: error: --use_cpu true and --device mps conflict; keep one"),
+])
+def test_bad_device_dtype_and_chunking_flags(argv, line, capsys):
+    """One line naming the flag, the value and what is allowed; no model or data is read."""
+    assert fails(argv, capsys) == line
+
+
+def test_eval_and_ches_flags_take_trains_values():
+    """--dtype takes TrainConfig.dtype's values; the chunk sizes and use_cpu read as train reads them."""
+    import typing
+
+    from logitsam.cli import DTYPES, build_parser
+    from logitsam.train.config import TrainConfig
+
+    assert DTYPES == typing.get_args(typing.get_type_hints(TrainConfig)["dtype"])
+    parser = build_parser()
+    args = parser.parse_args([*EVAL, "--sam_chunk_size", "null", "--sam_vocab_chunk_size", "null", "--use_cpu"])
+    assert (args.sam_chunk_size, args.sam_vocab_chunk_size, args.use_cpu) == (None, None, True)
+    args = parser.parse_args([*EVAL, "--sam_chunk_size", "256", "--use_cpu", "false", "--dtype", "auto"])
+    assert (args.sam_chunk_size, args.sam_vocab_chunk_size, args.use_cpu, args.dtype) == (256, 8192, False, "auto")
+    args = parser.parse_args(EVAL)  # train's defaults
+    assert (args.sam_chunk_size, args.sam_vocab_chunk_size, args.use_cpu, args.dtype, args.device) == \
+        ("auto", 8192, False, "float32", None)
+    assert parser.parse_args([*CHES, "--use_cpu", "--dtype", "bfloat16"]).dtype == "bfloat16"
+
+
 def test_eval_missing_data_is_named_before_loading_a_model(tmp_path, capsys):
     line = fails(["eval", "--model", "never-loaded", "--dataset_name", tmp_path / "d.jsonl"], capsys)
     assert line == f"logitsam eval: error: {tmp_path / 'd.jsonl'}: no such file or directory"
@@ -446,3 +494,20 @@ def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == ("logitsam train: error: --max_steps needs a value (e.g. --max_steps VALUE); only "
                            "true/false keys may stand alone\n")
+
+
+def test_readme_eval_and_ches_examples_parse():
+    """Every `logitsam eval` / `logitsam ches` command the README shows parses with the flags as they are now."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from logitsam.cli import build_parser
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    commands = re.findall(r"(?:`|^)(logitsam (?:eval|ches) [^`\n]+)", text, re.M)
+    assert {c.split()[1] for c in commands} == {"eval", "ches"}, commands
+    parser = build_parser()
+    for command in commands:
+        args, extra = parser.parse_known_args(shlex.split(command)[1:])
+        assert not extra, command

@@ -68,6 +68,76 @@ def _device(text: str) -> str:
     return text
 
 
+# `logitsam train`'s device, dtype and head-chunking keys, for the commands that load models (eval, ches): the
+# same names and values (TrainConfig.dtype / sam_chunk_size / sam_vocab_chunk_size, TrainingArguments.use_cpu)
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # TrainConfig.dtype's values (a test keeps them equal)
+TRUE, FALSE = ("true", "yes", "y", "t", "1"), ("false", "no", "n", "f", "0")  # transformers' string_to_bool
+
+
+def _dtype(text: str) -> str:
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(DTYPES)}")
+    return text
+
+
+def _positive_int_or(text: str, *, auto: bool, what: str) -> int | str | None:
+    """An integer >= 1, null (None), or (when ``auto``) the string auto; else an error naming ``what`` null means."""
+    if text in ("null", "none", "None"):
+        return None
+    if auto and text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        allowed = f", null ({what}) or auto" if auto else f" or null ({what})"
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 1{allowed}")
+    return value
+
+
+def _chunk_size(text: str) -> int | str | None:
+    """``--sam_chunk_size``: an integer >= 1, null (the dense head) or auto."""
+    return _positive_int_or(text, auto=True, what="dense head")
+
+
+def _vocab_chunk_size(text: str) -> int | None:
+    """``--sam_vocab_chunk_size``: an integer >= 1, or null (the whole vocabulary in one slice)."""
+    return _positive_int_or(text, auto=False, what="the whole vocabulary")
+
+
+def _true_false(text: str) -> bool:
+    if text.lower() not in TRUE + FALSE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return text.lower() in TRUE
+
+
+def _add_placement_args(p, *, what: str, chunking: bool) -> None:
+    """--device, --use_cpu and --dtype (and the head chunking keys), as `logitsam train` spells them."""
+    p.add_argument("--device", type=_device, help=f"where the {what} run (default: cuda when available, else cpu)")
+    p.add_argument("--use_cpu", nargs="?", const=True, default=False, type=_true_false, metavar="{true,false}",
+                   help="run on the CPU even with a GPU (alone: true); as train's use_cpu")
+    p.add_argument("--dtype", type=_dtype, default="float32", metavar="{" + ",".join(DTYPES) + "}",
+                   help="dtype the weights are loaded in (auto: the checkpoint's own; default: float32)")
+    if chunking:
+        p.add_argument("--sam_chunk_size", type=_chunk_size, default="auto", metavar="{INT,null,auto}",
+                       help="LM-head token chunk: an int (chunked head), null (dense (n, V) logits) or auto "
+                            "(default: chunked when one batch's fp32 logits exceed 1 GiB); the same numbers")
+        p.add_argument("--sam_vocab_chunk_size", type=_vocab_chunk_size, default=8192, metavar="{INT,null}",
+                       help="vocabulary slice of the chunked head (default: 8192)")
+
+
+def _placement(args) -> str | None:
+    """The device --device and --use_cpu ask for (None: the command's default, cuda when available)."""
+    from .train.config import ConfigError
+
+    if not args.use_cpu:
+        return args.device
+    if args.device is not None and args.device.split(":")[0] != "cpu":
+        raise ConfigError(f"--use_cpu true and --device {args.device} conflict; keep one")
+    return "cpu"
+
+
 def _existing_path(text: str) -> str:
     if not Path(text).expanduser().exists():
         raise argparse.ArgumentTypeError(f"{text}: no such file or directory")
@@ -285,6 +355,7 @@ def cmd_eval(args, extra):
     from .data import check_source
     from .eval.run import evaluate, load_prompts
 
+    device = _placement(args)
     prompts = load_prompts(args.prompts_file) if args.prompts_file else None
     check_source(args.dataset_name)
     kw = _data_kwargs(args)
@@ -293,8 +364,9 @@ def cmd_eval(args, extra):
                       num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, gen_batch_size=args.gen_batch_size, seed=args.seed,
                       hessian_probes=args.hessian_probes, hessian_batches=args.hessian_batches,
-                      hessian_head_only=args.hessian_head_only, output_dir=args.output_dir, device=args.device,
-                      **kw)
+                      hessian_head_only=args.hessian_head_only, output_dir=args.output_dir,
+                      device=device, dtype=args.dtype, chunk_size=args.sam_chunk_size,
+                      vocab_chunk_size=args.sam_vocab_chunk_size, **kw)
     print(json.dumps(result, indent=2, default=str))
     print(f"results written to {Path(args.output_dir) / 'eval_results.json'}")
 
@@ -303,9 +375,10 @@ def cmd_ches(args, extra):
     from .data import check_source
     from .eval.ches import run_ches
 
+    device = _placement(args)
     check_source(args.dataset_name)
     summary = run_ches(args.model, args.dataset_name, args.output_dir, filter_top_percent=args.filter_top_percent,
-                       filter_key=args.filter_key, **_data_kwargs(args))
+                       filter_key=args.filter_key, device=device, dtype=args.dtype, **_data_kwargs(args))
     print(json.dumps(summary, indent=2))
 
 
@@ -331,21 +404,29 @@ def cmd_compare(args, extra):
     print(f"report: {result['html']} and {result['markdown']}")
 
 
+REPORT_DIR = "runs/report"  # `logitsam report`'s --output_dir for run directories
+
+
 def cmd_report(args, extra):
     from .report import build_report, find_run_dirs, format_table
 
     if len(args.run_dirs) == 1 and (Path(args.run_dirs[0]) / "study.yaml").is_file():  # a `logitsam study` folder
-        return study_report(Path(args.run_dirs[0]))
+        return study_report(Path(args.run_dirs[0]), args.output_dir)
     dirs = [d for root in args.run_dirs for d in (find_run_dirs(root) or [Path(root)])]
-    result = build_report(dirs, args.output_dir, title=args.title, baseline=args.baseline)
+    result = build_report(dirs, args.output_dir or REPORT_DIR, title=args.title, baseline=args.baseline)
     print(format_table(result["summary"]))
     print(f"report: {result['html']} and {result['markdown']}")
 
 
-def study_report(study_dir: Path) -> None:
+def study_report(study_dir: Path, output_dir: str | Path | None = None) -> None:
+    """The study's summary and figures, into ``output_dir`` (default: the study folder itself)."""
     from .study import build_study_report
+    from .train.config import ConfigError
 
-    result = build_study_report(study_dir)
+    try:
+        result = build_study_report(study_dir, output_dir)
+    except ValueError as err:  # no finished run in the folder: the user's folder, not a bug
+        raise ConfigError(str(err)) from err
     print(result["markdown"])
     print("written: " + ", ".join(result["files"]))
 
@@ -440,13 +521,14 @@ def _add_simulate(add_parser, common) -> None:
 
 def _add_eval(add_parser, common) -> None:
     p = add_parser("eval", help="evaluate a checkpoint: preference accuracy, log-prob shifts, win rate, flatness",
-                   epilog="Example: logitsam eval --model runs/dpo --dataset_name pairs.jsonl --split train "
-                          "--judge vader --num_prompts 64 --output_dir runs/dpo/eval")
+                   epilog="Examples: logitsam eval --model runs/dpo --dataset_name pairs.jsonl --split train "
+                          "--judge vader --num_prompts 64 --output_dir runs/dpo/eval; at 7B on a GPU: "
+                          "logitsam eval --model runs/7b --dataset_name pairs.jsonl --dtype bfloat16 "
+                          "--sam_chunk_size auto --output_dir runs/7b/eval")
     p.add_argument("--model", required=True, help="checkpoint dir, hub id or embedded name")
     p.add_argument("--ref_model", "--ref_model_name_or_path", dest="ref_model",
                    help="reference (default: the run's ref_model_name_or_path, else the model it started from)")
-    p.add_argument("--device", type=_device,
-                   help="where both models, the batches and reward judges run (default: cuda when available, else cpu)")
+    _add_placement_args(p, what="models, the batches and reward judges", chunking=True)
     _add_data_args(p)
     p.add_argument("--loss_type", default="sigmoid")
     p.add_argument("--beta", type=float, default=0.1)
@@ -472,8 +554,10 @@ def _add_eval(add_parser, common) -> None:
 def _add_ches(add_parser, common) -> None:
     p = add_parser("ches", help="CHES scores per pair (Razin et al. 2025) and a filtered dataset",
                    epilog="Example: logitsam ches --model smollm2-135m-instruct --dataset_name hh.jsonl.gz "
-                          "--split train --filter_top_percent 10 --output_dir runs/ches")
+                          "--split train --filter_top_percent 10 --dtype bfloat16 --output_dir runs/ches")
     p.add_argument("--model", default="smollm2-135m-instruct")
+    # CHES reads the final hidden states only: no LM head, nothing to chunk
+    _add_placement_args(p, what="model and the batches", chunking=False)
     _add_data_args(p, split="train")
     p.add_argument("--filter_top_percent", type=float, help="also write filtered.jsonl without the top-k %% pairs")
     p.add_argument("--filter_key", default="ches", choices=["ches", "ches_norm", "edit_distance"])
@@ -515,7 +599,8 @@ def _add_report(add_parser, common) -> None:
     p.add_argument("run_dirs", nargs="+", type=_existing_path, help="run directories, or folders holding them")
     p.add_argument("--title", default="logitsam report")
     p.add_argument("--baseline")
-    p.add_argument("--output_dir", default="runs/report")
+    p.add_argument("--output_dir", help=f"where the report goes, created if missing (default: {REPORT_DIR}; for a "
+                   "study folder, the folder itself)")
     p.set_defaults(func=cmd_report)
 
 

@@ -213,3 +213,122 @@ def test_evaluate_on_cuda_matches_cpu(pairs_file, two_models, monkeypatch):
     for key in ("eval/margin", "eval/loss", "shift/chosen_delta_ref"):
         assert gpu[key] == pytest.approx(cpu[key], abs=1e-4), key
     assert gpu["winrate/vader/n"] == 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device, dtype and the LM-head path: the flags `logitsam train` has
+
+EVAL_ARGV = ["--split", "train", "--max_length", "64", "--max_prompt_length", "32", "--num_prompts", "0",
+             "--use_cpu", "--batch_size", "4"]
+
+
+def _eval_cli(tmp_path, name, policy, reference, pairs_file, *flags):
+    from logitsam.cli import main
+
+    out = tmp_path / name
+    main(["eval", "--model", str(policy), "--ref_model", str(reference), "--dataset_name", str(pairs_file),
+          *EVAL_ARGV, "--output_dir", str(out), *flags])
+    return json.loads((out / "eval_results.json").read_text())
+
+
+def test_chunked_head_gives_the_dense_numbers(pairs_file, two_models, tmp_path):
+    """--sam_chunk_size 8 (several token chunks per batch, and vocabulary slices of 16 of the ~105 entries)
+    against the dense (n, V) head: every number of eval_results.json to 1e-5."""
+    policy, reference = two_models
+    dense = _eval_cli(tmp_path, "dense", policy, reference, pairs_file, "--sam_chunk_size", "null")
+    chunked = _eval_cli(tmp_path, "chunked", policy, reference, pairs_file, "--sam_chunk_size", "8",
+                        "--sam_vocab_chunk_size", "16")
+    assert dense["lm_head"] == "dense"
+    assert chunked["lm_head"] == "chunked: sam_chunk_size=8, sam_vocab_chunk_size=16"
+    assert dense["device"] == chunked["device"] == "cpu" and dense["dtype"] == "float32"
+    numbers = {k for k, v in dense.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    assert {"eval/margin", "eval/loss", "shift/chosen_delta_ref", "shift/entropy_chosen",
+            "flatness/logit_hessian_trace"} <= numbers
+    assert numbers == {k for k, v in chunked.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    for key in sorted(numbers):
+        assert chunked[key] == pytest.approx(dense[key], abs=1e-5, rel=1e-5), key
+    # a tiny model's logits are far below the 1 GiB budget: auto is the dense head
+    assert _eval_cli(tmp_path, "auto", policy, reference, pairs_file)["lm_head"] == "dense"
+
+
+def test_auto_chunking_follows_the_training_rule():
+    """eval may not import train (layering); its copy of the rule and budget must stay train's."""
+    from logitsam.eval import run as eval_run
+    from logitsam.train import run as train_run
+
+    assert eval_run.LOGITS_BUDGET_BYTES == train_run.LOGITS_BUDGET_BYTES
+    for tokens in (1, 2 * 8 * 1024, 2 * 8 * 4096):
+        for vocab in (128, 32_000, 128_256, 151_936, 256_000):
+            for chunk in ("auto", None, 64):
+                got = eval_run.resolve_chunk_size(chunk, tokens=tokens, vocab_size=vocab)
+                assert got == train_run.resolve_chunk_size(chunk, tokens=tokens, vocab_size=vocab)
+    # 7B-size vocabularies at eval's default batch (8 pairs x 1024 tokens): chunked
+    assert eval_run.resolve_chunk_size("auto", tokens=2 * 8 * 1024, vocab_size=128_256) == 512
+
+
+def _recording_loader():
+    """(calls, load_model stand-in): each call records (dtype asked, device asked, dtype loaded)."""
+    loaded = []
+
+    def load(name, **kwargs):
+        model = load_model(name, **kwargs)
+        loaded.append((kwargs.get("dtype"), kwargs.get("device"), next(model.parameters()).dtype))
+        return model
+
+    return loaded, load
+
+
+def test_eval_dtype_reaches_both_models_and_is_recorded(pairs_file, two_models, tmp_path, monkeypatch):
+    from logitsam.eval import run as eval_run
+
+    loaded, load = _recording_loader()
+    monkeypatch.setattr(eval_run, "load_model", load)
+    policy, reference = two_models
+    res = _eval_cli(tmp_path, "bf16", policy, reference, pairs_file, "--dtype", "bfloat16", "--sam_chunk_size", "8")
+    assert loaded == [("bfloat16", "cpu", torch.bfloat16)] * 2
+    assert res["dtype"] == "bfloat16" and res["device"] == "cpu"
+    assert res["eval/num_pairs"] == 10 and res["eval/margin"] == res["eval/margin"]  # finite
+
+
+def test_ches_device_and_dtype(pairs_file, two_models, tmp_path, monkeypatch, capsys):
+    """`logitsam ches --dtype bfloat16` loads bf16 weights on the device asked for, and says so."""
+    from logitsam.cli import main
+    from logitsam.eval import ches as ches_module
+
+    loaded, load = _recording_loader()
+    monkeypatch.setattr(ches_module, "load_model", load)
+    policy, _ = two_models
+    base = ["ches", "--model", str(policy), "--dataset_name", str(pairs_file), "--max_length", "64",
+            "--max_prompt_length", "32", "--use_cpu", "true"]
+    main([*base, "--dtype", "bfloat16", "--output_dir", str(tmp_path / "bf16")])
+    summary = json.loads(capsys.readouterr().out)
+    assert loaded == [("bfloat16", "cpu", torch.bfloat16)]
+    assert summary["dtype"] == "bfloat16" and summary["device"] == "cpu" and summary["pairs"] == 10
+    main([*base, "--output_dir", str(tmp_path / "fp32")])  # the default, float32, as in train
+    assert json.loads(capsys.readouterr().out)["dtype"] == "float32" and loaded[1][2] == torch.float32
+    # the scores agree to bf16 precision
+    bf16, fp32 = ([json.loads(line)["ches_norm"] for line in (tmp_path / d / "ches_scores.jsonl").open()]
+                  for d in ("bf16", "fp32"))
+    assert bf16 == pytest.approx(fp32, rel=0.05, abs=0.05)
+
+
+def test_ches_default_device_is_evals(pairs_file, two_models, tmp_path, monkeypatch):
+    from logitsam.eval import ches as ches_module
+
+    placed = []
+    monkeypatch.setattr(ches_module, "default_device", lambda: "cpu")
+    monkeypatch.setattr(ches_module, "load_model", lambda name, **kw: placed.append(kw) or load_model(name, **kw))
+    summary = run_ches(str(two_models[0]), str(pairs_file), tmp_path / "ches", split="train", max_length=64,
+                       max_prompt_length=32)
+    assert placed == [{"dtype": "float32", "device": "cpu"}] and summary["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ches_runs_on_the_gpu_by_default(pairs_file, two_models, tmp_path):
+    kw = dict(split="train", max_length=64, max_prompt_length=32)
+    gpu = run_ches(str(two_models[0]), str(pairs_file), tmp_path / "gpu", **kw)
+    cpu = run_ches(str(two_models[0]), str(pairs_file), tmp_path / "cpu", device="cpu", **kw)
+    assert (gpu["device"], cpu["device"]) == ("cuda", "cpu")
+    scores = [[json.loads(line)["ches_norm"] for line in (tmp_path / d / "ches_scores.jsonl").open()]
+              for d in ("gpu", "cpu")]
+    assert scores[0] == pytest.approx(scores[1], rel=1e-3, abs=1e-4)

@@ -21,6 +21,7 @@ from ..core import shift_labels
 from ..data import DropReport, PreferenceCollator, build_preference_dataset, load_rows
 from ..diagnostics import ches_scores, normalized_edit_distance
 from ..models import forward_hidden, load_model, load_tokenizer
+from .run import default_device
 
 logger = logging.getLogger("logitsam.eval")
 
@@ -78,11 +79,18 @@ def run_ches(model_name_or_path: str, dataset_name: str, output_dir: str | Path,
              max_prompt_length: int | None = None, truncation_mode: str = "keep_start", chat_rendering: str = "trl",
              apply_chat_template: bool | None = None, on_invalid: str = "drop",
              batch_size: int = 8, filter_top_percent: float | None = None, filter_key: str = "ches",
-             dtype: str = "float32") -> dict:
+             dtype: str = "float32", device: str | None = None) -> dict:
+    """Score every valid pair of ``dataset_name`` under the model, loaded in ``dtype`` on ``device`` (default:
+    ``default_device()``); write ``ches_scores.jsonl`` (and ``filtered.jsonl``) into ``output_dir``.
+
+    CHES needs the final hidden states only (no LM head, so no head chunking); they are summed in float32.
+    The summary records the device and the dtype the weights were actually loaded in.
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    device = device or default_device()
     tokenizer = load_tokenizer(model_name_or_path)
-    model = load_model(model_name_or_path, dtype=dtype)
+    model = load_model(model_name_or_path, dtype=dtype, device=device)
     dataset, report = build_preference_dataset(
         dataset_name, tokenizer, split=split, data_format=data_format, max_length=max_length,
         max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, chat_rendering=chat_rendering,
@@ -91,7 +99,8 @@ def run_ches(model_name_or_path: str, dataset_name: str, output_dir: str | Path,
     records = score_pairs(model, dataset, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
     scores_path = out / "ches_scores.jsonl"
     write_text(scores_path, "".join(json.dumps(r) + "\n" for r in records))
-    summary = {"scores": str(scores_path), "pairs": len(records), "dropped_invalid": report.dropped}
+    summary = {"scores": str(scores_path), "pairs": len(records), "dropped_invalid": report.dropped,
+               "device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     if filter_top_percent:
         drop = rows_to_drop(records, filter_top_percent, filter_key)
         filtered = out / "filtered.jsonl"

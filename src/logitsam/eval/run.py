@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .._atomic import write_json, write_text
 from ..core import HeadOutput, sequence_logps, shift_labels
 from ..core.head import STAT_NAMES
+from ..core.head_chunked import DEFAULT_CHUNK_SIZE, DEFAULT_VOCAB_CHUNK_SIZE
 from ..core.losses import preference_loss
 from ..data import DataError, PreferenceCollator, build_preference_dataset, load_preference_examples
 from ..diagnostics import hutchinson_trace, squeeze_metrics
@@ -53,6 +54,27 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# `sam_chunk_size: auto` picks the chunked head when one batch's fp32 logits would exceed this; the same rule and
+# budget as training (``logitsam.train.run.resolve_chunk_size``; eval may not import train, a test keeps them equal)
+LOGITS_BUDGET_BYTES = 1 << 30
+
+
+def resolve_chunk_size(chunk_size: int | str | None, *, tokens: int, vocab_size: int,
+                       budget_bytes: int = LOGITS_BUDGET_BYTES) -> int | None:
+    """``sam_chunk_size`` as the head takes it: an int (chunked) or None (dense); "auto" is chunked
+    (``DEFAULT_CHUNK_SIZE`` tokens per chunk) when ``tokens x vocab_size x 4`` bytes exceed ``budget_bytes``."""
+    if chunk_size != "auto":
+        return chunk_size
+    return DEFAULT_CHUNK_SIZE if tokens * vocab_size * 4 > budget_bytes else None
+
+
+def head_description(chunk_size: int | None, vocab_chunk_size: int | None) -> str:
+    """The LM-head path as `eval_results.json` records it (a string, so reports do not read it as a metric)."""
+    if chunk_size is None:
+        return "dense"
+    return f"chunked: sam_chunk_size={chunk_size}, sam_vocab_chunk_size={vocab_chunk_size}"
+
+
 def _batches(dataset, batch_size, pad_token_id):
     collate = PreferenceCollator(pad_token_id)
     for start in range(0, len(dataset), batch_size):
@@ -74,14 +96,20 @@ def _concat(outputs: list[HeadOutput]) -> HeadOutput:
 
 
 @torch.no_grad()
-def pair_outputs(model, dataset, *, pad_token_id, batch_size=8, chunk_size=None, desc="log-probs") -> HeadOutput:
-    """Unperturbed head pass with statistics over every pair of ``dataset`` (chosen rows first)."""
+def pair_outputs(model, dataset, *, pad_token_id, batch_size=8, chunk_size=None,
+                 vocab_chunk_size=DEFAULT_VOCAB_CHUNK_SIZE, desc="log-probs") -> HeadOutput:
+    """Unperturbed head pass with statistics over every pair of ``dataset`` (chosen rows first).
+
+    ``chunk_size`` None: the dense head ((n, V) logits); an int: the chunked head, ``chunk_size`` tokens by
+    ``vocab_chunk_size`` vocabulary entries at a time, with the same numbers.
+    """
     device = next(model.parameters()).device
     model.eval()
     outputs = []
     for batch in tqdm(list(_batches(dataset, batch_size, pad_token_id)), desc=desc, unit="batch"):
         hidden = forward_hidden(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        out = sequence_logps(hidden, lm_head_of(model), shift_labels(batch["labels"]).to(device), chunk_size=chunk_size)
+        out = sequence_logps(hidden, lm_head_of(model), shift_labels(batch["labels"]).to(device), chunk_size=chunk_size,
+                             vocab_chunk_size=vocab_chunk_size)
         outputs.append(out.detach())
     return _concat(outputs)
 
@@ -105,7 +133,10 @@ def preference_metrics(policy: HeadOutput, ref: HeadOutput | None, loss_type, be
 
 def hessian_trace_of_loss(model, dataset, *, pad_token_id, ref: HeadOutput | None, loss_type, beta, loss_params,
                           batch_size, num_batches, num_probes, seed, head_only=False) -> tuple[float, float]:
-    """Hutchinson estimate of tr(d^2 L / d theta^2) of the preference loss, averaged over batches."""
+    """Hutchinson estimate of tr(d^2 L / d theta^2) of the preference loss, averaged over batches.
+
+    Always through the dense head: the chunked head has no second derivative.
+    """
     device = next(model.parameters()).device
     params = [p for p in (lm_head_of(model).parameters() if head_only else model.parameters()) if p.requires_grad]
     estimates, variances = [], []
@@ -204,12 +235,17 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
              truncation_mode: str = "keep_start", chat_rendering: str = "trl", apply_chat_template: bool | None = None,
              on_invalid: str = "drop", ref_model_name_or_path: str | None = None,
              loss_type="sigmoid", beta: float = 0.1, loss_params: dict | None = None, batch_size: int = 8,
-             chunk_size: int | None = None, judges=("vader",), prompts: list | None = None, num_prompts: int = 64,
+             chunk_size: int | str | None = "auto", vocab_chunk_size: int | None = DEFAULT_VOCAB_CHUNK_SIZE,
+             judges=("vader",), prompts: list | None = None, num_prompts: int = 64,
              max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0, gen_batch_size: int = 16,
              seed: int = 0, hessian_probes: int = 0, hessian_batches: int = 1, hessian_head_only: bool = False,
              output_dir: str | Path | None = None, dtype: str = "float32", device: str | None = None) -> dict:
     """Evaluate ``model_name_or_path`` against a reference on ``device`` (default: ``default_device()``).
 
+    Both models are loaded in ``dtype`` (float32, bfloat16, float16 or auto, the checkpoint's own). Their
+    log-probs go through the dense head (``chunk_size`` None), the chunked one (an int: tokens per chunk, with
+    ``vocab_chunk_size`` vocabulary entries per slice) or, for "auto", the chunked one when a batch's fp32
+    logits (2 x ``batch_size`` x ``max_length`` x V x 4 bytes) would exceed 1 GiB, as in training.
     The reference is ``ref_model_name_or_path`` when given, else the one the run trained against
     (``run_reference_of``). Both models must compute logits as hidden @ W^T (``check_linear_head``, on the
     first pairs).
@@ -227,19 +263,26 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
         max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, chat_rendering=chat_rendering,
         apply_chat_template=apply_chat_template, on_invalid=on_invalid, max_samples=max_samples)
     pad = tokenizer.pad_token_id
+    vocab = lm_head_of(policy).weight.shape[0]
+    chunk_size = resolve_chunk_size(chunk_size, tokens=2 * batch_size * max_length, vocab_size=vocab)
+    vocab_chunk_size = None if chunk_size is None else vocab_chunk_size
+    logger.info("LM head: %s (fp32 logits of one batch: %d tokens x V=%d = %.2f GiB)",
+                head_description(chunk_size, vocab_chunk_size), 2 * batch_size * max_length, vocab,
+                2 * batch_size * max_length * vocab * 4 / 2**30)
     first = next(_batches(dataset, 2, pad))
     check_linear_head(policy, first["input_ids"], first["attention_mask"], name=model_name_or_path)
     if reference is not None and reference is not policy:
         check_linear_head(reference, first["input_ids"], first["attention_mask"], name=ref_name)
     results: dict = {"model": str(model_name_or_path), "reference": None if ref_name is None else str(ref_name),
                      "reference_from": ref_from, "device": str(device),
+                     "dtype": str(next(policy.parameters()).dtype).removeprefix("torch."),
+                     "lm_head": head_description(chunk_size, vocab_chunk_size),
                      "dataset": str(dataset_name), "split": split, "dropped_rows": report.dropped}
-    pol = pair_outputs(policy, dataset, pad_token_id=pad, batch_size=batch_size, chunk_size=chunk_size,
-                       desc="policy log-probs")
+    head = dict(pad_token_id=pad, batch_size=batch_size, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+    pol = pair_outputs(policy, dataset, desc="policy log-probs", **head)
     ref = None
     if reference is not None:
-        ref = pol if reference is policy else pair_outputs(reference, dataset, pad_token_id=pad, batch_size=batch_size,
-                                                           chunk_size=chunk_size, desc="reference log-probs")
+        ref = pol if reference is policy else pair_outputs(reference, dataset, desc="reference log-probs", **head)
     results.update(preference_metrics(pol, ref, loss_type, beta, loss_params))
     shifts = squeeze_metrics(pol, *((ref.chosen_logps, ref.rejected_logps) if ref is not None else ()))
     results.update({k.replace("squeeze/", "shift/"): v for k, v in shifts.items()})

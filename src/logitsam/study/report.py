@@ -1,7 +1,7 @@
 """The study's report from its committed run folders: the Table-3 analogue and the Fig.-1c analogue.
 
 Reads ``<study>/runs/<run_id>/`` (the small files `logitsam study` keeps) and ``<study>/study.yaml``; trains
-nothing. Writes beside them:
+nothing. Writes beside them (or into another folder, ``build_study_report(..., output_dir)``):
 
 - ``summary.md``: per cell, each metric per rho as mean [95 % t-interval] over seeds, and the paired
   difference to the cell's rho = 0 (else the main grid's rho = 0), seed by seed, with its interval;
@@ -284,13 +284,16 @@ def _jsonable(summary: list[dict]) -> list[dict]:
              "paired": {k: iv(v) for k, v in e["paired"].items()}} for e in summary]
 
 
-def build_study_report(study_dir: str | Path) -> dict:
-    """Write summary.md, summary.json and fig1c.png into ``study_dir`` from its finished runs.
+def build_study_report(study_dir: str | Path, output_dir: str | Path | None = None) -> dict:
+    """Write summary.md, summary.json, fig1c.png and fig1c_paired.png from ``study_dir``'s finished runs into
+    ``output_dir`` (created if missing; default: ``study_dir`` itself). Nothing in ``study_dir`` is written
+    when ``output_dir`` is elsewhere.
 
     Raises:
         ValueError: ``study_dir`` holds no finished run.
     """
     study_dir = Path(study_dir)
+    out = study_dir if output_dir is None else Path(output_dir)
     runs = load_study_runs(study_dir)
     if not runs:
         raise ValueError(f"{study_dir}: no finished study runs (runs/*/study_run.json)")
@@ -302,16 +305,18 @@ def build_study_report(study_dir: str | Path) -> dict:
     summary = summarize(runs)
     rhos = figure_rhos(summary, options.get("figure_rhos"))
     title = options.get("title") or f"logitsam study {name}: DPO vs DPO + logits-SAM, Fig. 1c analogue"
-    curves = plot_bands(runs, rhos, study_dir / "fig1c.png", title=title)
-    paired = plot_paired_bands(runs, study_dir / "fig1c_paired.png",
+    out.mkdir(parents=True, exist_ok=True)
+    curves = plot_bands(runs, rhos, out / "fig1c.png", title=title)
+    paired = plot_paired_bands(runs, out / "fig1c_paired.png",
                                title=f"logitsam study {name}: logits-SAM minus DPO, paired by seed")
     tables = format_tables(summary)
     seeds = sorted({int(r["seed"]) for r, _ in runs})
+    rebuild = f"logitsam report {study_dir}" + ("" if out == study_dir else f" --output_dir {out}")
     md = (f"# Study {name}\n\n{len(runs)} finished runs, seeds {seeds}. Rebuild with "
-          f"`logitsam report {study_dir}`.\n\n{tables}\n![Fig. 1c analogue](fig1c.png)\n\n"
+          f"`{rebuild}`.\n\n{tables}\n![Fig. 1c analogue](fig1c.png)\n\n"
           "![Fig. 1c analogue, paired differences to DPO](fig1c_paired.png)\n")
-    atomic_write_text(study_dir / "summary.md", md)
-    atomic_write_json(study_dir / "summary.json", {"groups": _jsonable(summary), "figure_rhos": rhos,
-                                                   "curves": curves, "paired_curves": paired}, indent=2)
-    files = [study_dir / n for n in ("summary.md", "summary.json", "fig1c.png", "fig1c_paired.png")]
+    atomic_write_text(out / "summary.md", md)
+    atomic_write_json(out / "summary.json", {"groups": _jsonable(summary), "figure_rhos": rhos,
+                                             "curves": curves, "paired_curves": paired}, indent=2)
+    files = [out / n for n in ("summary.md", "summary.json", "fig1c.png", "fig1c_paired.png")]
     return {"files": [str(f) for f in files], "markdown": md, "summary": summary}
