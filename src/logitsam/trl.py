@@ -40,13 +40,14 @@ except ImportError as e:  # the optional extra
     raise ImportError("logitsam.trl needs TRL 1.16: pip install 'logitsam[trl]'") from e
 
 import torch
+from transformers import TrainerCallback
 
 from .core import IGNORE_INDEX, VARIANTS, sequence_logps, shift_labels
 from .core.head_chunked import DEFAULT_VOCAB_CHUNK_SIZE
 from .core.losses import LOSS_TYPES
 from .core.sam import NORMS
-from .models import check_linear_head
-from .train._inside import head_inside_forward
+from .train._inside import check_linear_head_inside, head_inside_forward
+from .train.config import ConfigError
 from .train.run import resolve_chunk_size
 from .train.step import COMPLETION_INDEX, DeferredMetrics, HeadStep, batch_completion_index, ratio_out_of_band
 from .train.trainer import RATIO_BAND, ratio_is_measurable
@@ -66,6 +67,24 @@ TRL_LOSS_KEYS: dict[str, tuple[str, ...]] = {
     "sft": (), "sigmoid_norm": (),
 }
 
+# DPOConfig / TrainingArguments keys TRL (or transformers' Trainer) would act on and this subclass cannot honour:
+# key -> why. Refused when set to anything truthy.
+REFUSED_KEYS: dict[str, str] = {
+    "use_liger_kernel": "Liger patches the model's forward and its logits path, which logitsam's head pass replaces "
+                        "(the LM head runs inside the model's forward as logitsam's head step)",
+    "padding_free": "logitsam's head step needs padded (2B, T) rows: chosen and rejected completions are rows of one "
+                    "padded batch (TRL 1.16 itself falls back to padding)",
+}
+
+
+def refuse_unsupported_keys(args) -> None:
+    """Raise ``ConfigError`` (a ValueError) naming the first key of ``REFUSED_KEYS`` that ``args`` sets, its value and
+    why logitsam cannot honour it, instead of accepting it and silently training without it."""
+    for key, why in REFUSED_KEYS.items():
+        value = getattr(args, key, None)
+        if value:
+            raise ConfigError(f"{type(args).__name__} key {key!r} = {value!r} is not supported by LogitsSAMDPOTrainer: "
+                              f"{why}; set {key}=False")
 
 
 @dataclass
@@ -91,6 +110,7 @@ class LogitsSAMConfig(DPOConfig):
         "help": "Vocabulary slice of the chunked head (used when sam_chunk_size is set)."})
 
     def __post_init__(self):
+        refuse_unsupported_keys(self)
         super().__post_init__()
         rho = self.sam_rho
         if isinstance(rho, bool) or not isinstance(rho, int | float) or not math.isfinite(rho) or rho < 0:
@@ -155,7 +175,9 @@ class LogitsSAMDPOTrainer(DPOTrainer):
     ``ld_alpha`` (LD-DPO sums of the policy's token log-probs; TRL's reference pass applies it to the
     reference), ``use_weighting`` (WPO weights from the clean pass, reused by the perturbed one) and an MoE
     model's router aux loss. Not supported (ValueError at construction): vision datasets, models whose logits
-    are not ``hidden @ W^T`` (soft-cap, logit scale).
+    are not ``hidden @ W^T`` (soft-cap, logit scale), ``use_liger_kernel`` and ``padding_free`` (``ConfigError``).
+    The head check runs at construction, or, for a model DeepSpeed ZeRO-3 partitioned at load (``zero.Init``: every
+    weight is empty outside its module's forward), at the start of ``train`` on the prepared engine.
     """
 
     def __init__(self, model, ref_model=None, args: LogitsSAMConfig | None = None, *pargs, **kwargs):
@@ -165,6 +187,7 @@ class LogitsSAMDPOTrainer(DPOTrainer):
         if not isinstance(args, LogitsSAMConfig):
             raise TypeError(f"LogitsSAMDPOTrainer needs args=LogitsSAMConfig(...) (a DPOConfig with the sam_* keys), "
                             f"got {type(args).__name__}")
+        refuse_unsupported_keys(args)  # also when set on the config after it was built
         self._loss_kwargs = preference_loss_kwargs(args)
         self._step = None  # the head step; its chunking needs the model's vocabulary (set once the model is loaded)
         super().__init__(model, ref_model, args, *pargs, **kwargs)
@@ -173,14 +196,19 @@ class LogitsSAMDPOTrainer(DPOTrainer):
         self._ratio_warned = False
         self._deferred = DeferredMetrics()
         self._with_completion_index()
-        self._check_head()
+        self._head_checked = False
+        if _zero3_partitioned(self.model):  # its weights are empty until the engine's forward gathers them
+            self.add_callback(_CheckHeadAtTrainBegin(self))
+        else:
+            self._check_head(self.model)
 
     @property
     def step(self) -> HeadStep:
         """The shared head step (``train.step.HeadStep``) with this config's loss, SAM and chunking."""
         if self._step is None:
             args = self.args
-            vocab = self.model.get_output_embeddings().weight.shape[0]
+            weight = self.model.get_output_embeddings().weight
+            vocab = getattr(weight, "ds_shape", weight.shape)[0]  # a ZeRO-3 partition is empty: ds_shape is real
             tokens = 2 * max(args.per_device_train_batch_size, args.per_device_eval_batch_size) * (args.max_length
                                                                                                    or 1024)
             chunk = resolve_chunk_size(args.sam_chunk_size, tokens=tokens, vocab_size=vocab)
@@ -206,13 +234,19 @@ class LogitsSAMDPOTrainer(DPOTrainer):
         if not any(isinstance(d, IterableDataset) for d in datasets):
             self.data_collator = _WithCompletionIndex(self.data_collator)
 
-    def _check_head(self):
-        """Our head computes ``hidden @ W^T``; refuse a policy whose logits are not that (TRL's head scales them)."""
+    def _check_head(self, model, device=None):
+        """Our head computes ``hidden @ W^T``; refuse a policy whose logits are not that (TRL's head scales them).
+
+        ``model``: the policy as built (at construction) or as prepared (``model_wrapped``: DDP, FSDP2, a DeepSpeed
+        engine). The probes run as the head's forward inside the outermost forward, where a sharded head is gathered:
+        one forward, on every rank, with the same rows (the first two of the training set)."""
         dataset = self.train_dataset
         rows = [dataset[i] for i in range(min(2, len(dataset)))] if hasattr(dataset, "__len__") \
             else [next(iter(dataset))]
         batch = self.data_collator(rows)
-        check_linear_head(self.model, batch["input_ids"], batch["attention_mask"])
+        name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        check_linear_head_inside(model, batch["input_ids"], batch["attention_mask"], name=name, device=device)
+        self._head_checked = True
 
     # ---- the reference -----------------------------------------------------------------------
     def compute_ref_log_probs(self, model, inputs):
@@ -311,6 +345,25 @@ class LogitsSAMDPOTrainer(DPOTrainer):
                    else "sam_rho is so large that the loss is far from linear over the perturbation; lower sam_rho")
             logger.warning("sam/first_order_ratio = %.3g at step %d (expected ~1, band %s): %s.",
                            found[0], self.state.global_step, RATIO_BAND, why)
+
+
+def _zero3_partitioned(model) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds ``model``'s weights as partitions (``zero.Init`` at load, or an engine)."""
+    return any(hasattr(p, "ds_numel") for p in model.parameters())
+
+
+class _CheckHeadAtTrainBegin(TrainerCallback):
+    """Runs the head check once, at the start of training, on the prepared model (``model_wrapped``) on every rank:
+    under ZeRO-3 only the engine's forward gathers the weights the check reads."""
+
+    def __init__(self, trainer: LogitsSAMDPOTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if not trainer._head_checked:
+            with trainer.accelerator.autocast():  # as the step runs it
+                trainer._check_head(trainer.model_wrapped, device=args.device)
 
 
 def _labels(inputs) -> torch.Tensor:

@@ -86,3 +86,17 @@ def test_parses_from_the_command_line_like_any_trl_config():
          "--sam_variant", "asam", "--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "0.5"])
     assert (args.sam_rho, args.sam_chunk_size, args.sam_variant) == (1e-3, 64, "asam")
     assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
+
+
+@pytest.mark.parametrize("key", ["use_liger_kernel", "padding_free"])
+def test_keys_the_head_cannot_honour_are_refused(tmp_path, key):
+    """Liger patches the logits path our head replaces; our head step needs padded rows. Both used to be accepted and
+    silently not honoured."""
+    from logitsam.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"'{key}' = True is not supported by LogitsSAMDPOTrainer: .+; set {key}="):
+        cfg(tmp_path, **{key: True})
+    args = cfg(tmp_path)
+    setattr(args, key, True)  # set after the config was built: refused by the trainer, before TRL reads it
+    with pytest.raises(ValueError, match=rf"'{key}' = True is not supported"):
+        trainer(tmp_path, args)

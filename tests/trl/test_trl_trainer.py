@@ -255,3 +255,84 @@ def test_chunking_defaults_to_auto(tmp_path):
 
     # TRL's defaults: 8 pairs x 1,024 tokens per device; Qwen2.5-7B's vocabulary
     assert resolve_chunk_size("auto", tokens=2 * 8 * 1024, vocab_size=152064) is not None
+
+
+class TwoRanks:
+    """``accelerator`` as rank 0 of 2 sees it on the last, uneven batch of an epoch: ``gather`` returns every rank's
+    values (rank 1's: twice rank 0's), ``gather_for_metrics`` drops rank 1's as if they were duplicated samples."""
+
+    num_processes = 2
+
+    def __init__(self):
+        self.calls = []
+
+    def gather(self, x):
+        self.calls.append("gather")
+        return torch.cat([x, 2 * x])
+
+    def gather_for_metrics(self, x, use_gather_object=False):
+        self.calls.append("gather_for_metrics")
+        return x
+
+
+def test_metrics_are_reduced_with_gather_not_gather_for_metrics(tmp_path, monkeypatch):
+    """Per-rank totals (token counts, the (sum, count) pairs of the per-token means, SAM's per-rank statistics) are
+    summed or averaged over every rank: ``gather_for_metrics`` would truncate them on an epoch's last batch."""
+    tok, model, ref = models()
+    args = LogitsSAMConfig(**settings(tmp_path, sam_rho=0.05))
+    trainer = LogitsSAMDPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(ref), args=args,
+                                  train_dataset=pairs(), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.train()
+    flushed = []
+    for accelerator in (None, TwoRanks()):
+        trainer.compute_loss(trainer.model, batch)  # the same micro-batch: the same local values
+        trainer._metrics["train"].clear()
+        trainer._total_train_tokens = 0
+        with monkeypatch.context() as m:
+            if accelerator is not None:
+                m.setattr(trainer, "accelerator", accelerator)
+            trainer._flush_metrics("train")
+        flushed.append({k: v[-1] for k, v in trainer._metrics["train"].items()})
+    local, both = flushed
+    assert accelerator.calls == ["gather"]  # one gather per logging step, and never gather_for_metrics
+    assert both["num_tokens"] == 3 * local["num_tokens"] > 0  # summed: rank 0's + rank 1's (twice as many)
+    for key in ("sam/loss_pre", "sam/loss_post", "sam/grad_norm"):  # the mean over ranks
+        assert both[key] == pytest.approx(1.5 * local[key], rel=1e-6), key
+    for key in ("entropy", "logits/chosen", "logps/chosen", "mean_token_accuracy"):  # sum / sum: unchanged
+        assert both[key] == pytest.approx(local[key], rel=1e-6, abs=1e-9), key
+
+
+def _soft_capped_gemma2(vocab_size):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0, pad_token_id=0, bos_token_id=2,
+        eos_token_id=3))
+
+
+@pytest.mark.parametrize("zero3", [False, True], ids=["at-construction", "zero3-at-train-begin"])
+def test_soft_capped_head_is_refused(tmp_path, monkeypatch, zero3):
+    """Logits that are not ``hidden @ W^T`` are refused: at construction, or, when ZeRO-3 partitioned the model at
+    load (its weights are empty until the engine's forward gathers them), at train begin on the prepared model,
+    before any step (``test_trl_zero3.py`` runs the real ZeRO-3 path)."""
+    import logitsam.trl
+    from logitsam.models import ModelError
+
+    tok = make_tiny_tokenizer()
+    args = LogitsSAMConfig(**settings(tmp_path, precompute_ref_log_probs=True))
+    if zero3:
+        monkeypatch.setattr(logitsam.trl, "_zero3_partitioned", lambda model: True)
+    build = lambda: LogitsSAMDPOTrainer(model=_soft_capped_gemma2(len(tok)), args=args,  # noqa: E731
+                                        train_dataset=pairs(), processing_class=tok)
+    if not zero3:
+        with pytest.raises(ModelError, match=r"does not compute its logits as hidden @ W\^T"):
+            build()
+        return
+    trainer = build()
+    assert trainer._head_checked is False
+    with pytest.raises(ModelError, match=r"does not compute its logits as hidden @ W\^T"):
+        trainer.train()
+    assert trainer.state.global_step == 0
