@@ -35,9 +35,9 @@ How it measures:
     get ``ref_model=None`` (TRL 1.16 then precomputes with the untrained policy and keeps no reference; a
     ``ref_model`` passed with ``precompute_ref_log_probs=True`` would be kept, prepared in accelerate's model
     list); the PreferenceTrainer is built as ``logitsam train`` builds it (``train/run.py``): ``ref_model=None``,
-    then ``attach_reference_logps`` with a deep-copied reference that is deleted before training. Each run reports
-    the live ``PreTrainedModel`` objects and accelerate's ``_models`` at train begin, and the driver refuses a run
-    that kept a reference.
+    then ``ReferencePrecompute`` at train begin with a deep-copied reference that is dropped before step 1. Each run
+    reports the live ``PreTrainedModel`` objects and accelerate's ``_models`` at its first step, and the driver refuses
+    a run that kept a reference.
 
 Printed: one line per run as it finishes, then the summary table; ``--output`` writes everything (settings,
 environment, every run's step durations, the summary, the profiles) as JSON.
@@ -253,15 +253,19 @@ def step_timer(opts):
     cuda = opts.device == "cuda"
 
     class StepTimer(TrainerCallback):
-        """Seconds per optimizer step, the training loop's peak memory, what is alive at train begin, and (with
+        """Seconds per optimizer step, the training loop's peak memory, what is alive at the first step, and (with
         --profile) a torch.profiler trace of the first step after the warm-up."""
 
         def __init__(self):
             self.durations, self.start, self.begin_bytes, self.peak_reset, self.trimmed_bytes = [], None, 0, None, None
             self.trainer, self.models_alive, self.accelerate_models, self.profiler, self.profile = None, None, None, \
                 None, None
+            self.begun = False
 
-        def on_train_begin(self, args, state, control, **kwargs):
+        def begin(self):
+            """At the first step (after every train-begin callback, e.g. logitsam's reference precompute, which
+            drops its reference there)."""
+            self.begun = True
             self.models_alive = live_models()  # (collects garbage first: the same clean start for every variant)
             if self.trainer is not None:
                 self.accelerate_models = len(self.trainer.accelerator._models)
@@ -277,6 +281,8 @@ def step_timer(opts):
                 self.begin_bytes = current_rss_bytes()
 
         def on_step_begin(self, args, state, control, **kwargs):
+            if not self.begun:
+                self.begin()
             if cuda:
                 torch.cuda.synchronize()
             if opts.profile and state.global_step == opts.warmup:
@@ -316,15 +322,14 @@ def logitsam_rows(trl_dataset, max_length):
 
 def preference_trainer(opts, tok, model, data, out, timer):
     """PreferenceTrainer (plain DPO or logits-SAM) on the tokens TRL's pipeline makes from the same pairs, built
-    as ``logitsam train`` builds it (``train/run.py``): with --precompute, no reference in the trainer and the
-    reference log-probs attached by ``attach_reference_logps`` from a reference that is deleted afterwards."""
+    as ``logitsam train`` builds it (``train/run.py``): with --precompute, no live reference in the trainer and the
+    reference log-probs filled at train begin (``ReferencePrecompute``) from a reference dropped afterwards."""
     from transformers import TrainingArguments
     from trl import DPOConfig, DPOTrainer
 
     from logitsam.data import PreferenceCollator
     from logitsam.models import load_reference
-    from logitsam.train.reference import RequireReference
-    from logitsam.train.run import attach_reference_logps
+    from logitsam.train.reference import ReferenceLookup, ReferencePrecompute, model_identity, with_reference_rows
     from logitsam.train.trainer import PreferenceTrainer
 
     cfg = DPOConfig(**settings(opts, out))
@@ -337,23 +342,22 @@ def preference_trainer(opts, tok, model, data, out, timer):
                              remove_unused_columns=False)
     ref = load_reference(model, None, device=args.device)  # a frozen deep copy, on the training device
     sam = "logits" if opts.worker == "pt-sam" else "none"
-    trainer = PreferenceTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                                data_collator=RequireReference(collate) if opts.precompute else collate,
-                                callbacks=[timer], loss_type="sigmoid", beta=0.1, sam=sam, sam_rho=opts.rho,
-                                chunk_size=opts.chunk_size, ref_model=None if opts.precompute else ref)
     if opts.precompute:
-        # after Trainer placed the policy, as run_training does; the on-disk cache goes to this run's temporary
-        # directory, so every run computes its own (as TRL does) and nothing is left in ~/.cache
-        saved = os.environ.get("LOGITSAM_CACHE")
+        # as run_training: the values are looked up by row, filled at train begin from the prepared reference,
+        # which is dropped then; the on-disk cache goes to this run's temporary directory (this worker process
+        # runs one training), so every run computes its own (as TRL does) and nothing is left in ~/.cache
         os.environ["LOGITSAM_CACHE"] = out
-        try:
-            attach_reference_logps(trainer, ref, use_adapter_off=False, chunk_size=opts.chunk_size)
-        finally:
-            if saved is None:
-                os.environ.pop("LOGITSAM_CACHE", None)
-            else:
-                os.environ["LOGITSAM_CACHE"] = saved
-        del ref  # the values ride in the dataset; the reference is gone before training
+        dataset, _ = with_reference_rows(dataset)
+        collate = ReferenceLookup(collate)
+    trainer = PreferenceTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                                data_collator=collate, callbacks=[timer], loss_type="sigmoid", beta=0.1, sam=sam,
+                                sam_rho=opts.rho, chunk_size=opts.chunk_size,
+                                ref_model=None if opts.precompute else ref,
+                                precompute_ref_model=ref if opts.precompute else None)
+    if opts.precompute:
+        trainer.add_callback(ReferencePrecompute(trainer, collate, source="reference", identity=model_identity(ref),
+                                                 chunk_size=opts.chunk_size))
+    del ref
     return trainer
 
 

@@ -1,6 +1,6 @@
 """The GPU check: one prepared run on one CUDA GPU, no network, models built from configs with random weights.
 
-    python benchmarks/gpu_check.py --out OUT_DIR            # on the GPU machine (about 6-8 minutes on an H200)
+    python benchmarks/gpu_check.py --out OUT_DIR            # on the GPU machine (about 7-8 minutes on an H200)
     python benchmarks/gpu_check.py --out /tmp/gc --tiny     # the same plumbing on a CPU, toy sizes
     python benchmarks/gpu_check.py --out OUT_DIR --parts head_memory_7b,host_syncs   # a subset, e.g. a rerun
 
@@ -29,7 +29,17 @@ Writes ``OUT_DIR/gpu_check.json`` (rewritten after every part, so a run cut shor
   - ``train``: DPO vs DPO + logits-SAM training steps (``dtype: float32`` + ``bf16: true``) on a
     Qwen2.5-0.5B-shaped model with random weights: seconds per step and peak memory, their ratios, the
     device the reference precompute ran on, and the logged ``sam/first_order_ratio``;
-  - ``fsdp2``: a world-size-1 FSDP2 run through the Trainer (return code and the tail of its log).
+  - ``fsdp2``: a world-size-1 FSDP2 run through the Trainer (return code and the tail of its log);
+  - ``tf32_ratio``: logits-SAM's ``r`` with float32 weights under reduced-precision float32 matmuls (CUDA's
+    ``allow_tf32``; ``set_float32_matmul_precision("high")``, the only one on a CPU), dense and chunked, rho 1e-4
+    and 1e-3: within 5 % of 1 (the head keeps eps apart: ``head.reduced_fp32_matmul``), with controls (exact
+    float32; the fused path forced, as before the fix) and the flags restored after;
+  - ``bf16_step0_margins``: one ``logitsam train`` DPO step, float32 weights under bf16 autocast, with the
+    precomputed and with the live reference: the first record's ``rewards/margins`` exactly 0, ``loss`` ln 2;
+  - ``zero3_skip``: ``--on_nonfinite skip`` under DeepSpeed ZeRO-3 is refused with a message naming the key
+    (skipped without DeepSpeed or a GPU);
+  - ``fsdp2_efficient_loading``: 2-rank FSDP2 with ``cpu_ram_efficient_loading``, one DPO step: every cached
+    reference log-prob against a 1-process ``compute_reference_logps`` (max abs diff; skipped under 2 GPUs).
 Each part records its own error instead of stopping the others, and runs under a time cap (``PARTS``; on a
 GPU the whole run also under ``--budget`` seconds): a part cut short records a timeout error.
 """
@@ -150,10 +160,11 @@ def part(results: dict, name: str, fn, cap_s: float, write=None):
         write()
 
 
-def run_cmd(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+def run_cmd(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
     """``subprocess.run`` in a new session: on a timeout (or a part's time cap) its whole process group is killed,
-    torchrun's workers included."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    torchrun's workers included. ``env``: variables set on top of this process's environment."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **env} if env else None)
     try:
         out, err = proc.communicate(timeout=max(timeout, 1))
     except subprocess.TimeoutExpired:
@@ -190,51 +201,74 @@ def head_bench(device: str, tiny: bool) -> dict:
     return out
 
 
-def first_order(device: str, tiny: bool) -> dict:
+def sam_ratios(device: str, tiny: bool, w_dtype: torch.dtype, autocast: torch.dtype | None) -> dict[str, float]:
+    """logits-SAM's first-order ratio ``r`` of one head step (DPO loss) with ``w_dtype`` weights under ``autocast``
+    (None: none), for the dense and the chunked head at rho 1e-4 and 1e-3: {"dense / rho 0.0001": r, ...}."""
     import torch.nn.functional as F
 
     from logitsam.core import first_order_ratio, logits_sam
 
     vocab, d, tokens = (1000, 32, 128) if tiny else (151936, 896, 4096)
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(4, tokens // 4, d, generator=g, device=device).to(w_dtype)
+    head = torch.nn.Linear(d, vocab, bias=False, device=device)
+    head.weight.data = (torch.randn(vocab, d, generator=g, device=device) * 0.02).to(w_dtype)
+    labels = torch.randint(0, vocab, (4, tokens // 4), generator=g, device=device)
+    ref = torch.full((4,), -9.0 * tokens / 4, device=device)
+
+    def loss_fn(o):
+        lr = o.logps - ref
+        return -F.logsigmoid(0.1 * (lr[:2] - lr[2:])).mean()
+
     out = {}
-    for name, w_dtype, ac in (("bf16 weights", torch.bfloat16, None), ("bf16 autocast", torch.float32,
-                                                                        torch.bfloat16)):
-        g = torch.Generator(device=device).manual_seed(0)
-        hidden = torch.randn(4, tokens // 4, d, generator=g, device=device).to(w_dtype)
-        head = torch.nn.Linear(d, vocab, bias=False, device=device)
-        head.weight.data = (torch.randn(vocab, d, generator=g, device=device) * 0.02).to(w_dtype)
-        labels = torch.randint(0, vocab, (4, tokens // 4), generator=g, device=device)
-        ref = torch.full((4,), -9.0 * tokens / 4, device=device)
-
-        def loss_fn(o, ref=ref):
-            lr = o.logps - ref
-            return -F.logsigmoid(0.1 * (lr[:2] - lr[2:])).mean()
-
-        for chunk in (None, 1024):
-            for rho in (1e-4, 1e-3):
-                ctx = torch.autocast(device.split(":")[0], dtype=ac) if ac else contextlib.nullcontext()
-                with ctx:
-                    _, st = logits_sam(hidden, head, labels, loss_fn, rho, chunk_size=chunk)
-                key = f"{name} / {'dense' if chunk is None else 'chunked'} / rho {rho:g}"
-                out[key] = float(first_order_ratio(st["loss_pre"], st["loss_post"], st["first_order"]))
+    for chunk in (None, 1024):
+        for rho in (1e-4, 1e-3):
+            ctx = torch.autocast(device.split(":")[0], dtype=autocast) if autocast else contextlib.nullcontext()
+            with ctx:
+                _, st = logits_sam(hidden, head, labels, loss_fn, rho, chunk_size=chunk)
+            out[f"{'dense' if chunk is None else 'chunked'} / rho {rho:g}"] = float(
+                first_order_ratio(st["loss_pre"], st["loss_post"], st["first_order"]))
+    del hidden, head
+    _free(device)
     return out
 
 
-def _train(model_dir, data, out_dir, sam, device, tiny, extra=(), launcher=(), timeout=None):
+def first_order(device: str, tiny: bool) -> dict:
+    out = {}
+    for name, w_dtype, ac in (("bf16 weights", torch.bfloat16, None), ("bf16 autocast", torch.float32,
+                                                                        torch.bfloat16)):
+        out.update({f"{name} / {k}": r for k, r in sam_ratios(device, tiny, w_dtype, ac).items()})
+    return out
+
+
+def _lengths(tiny: bool) -> tuple[int, int]:
+    """(max_length, max_prompt_length) of the ``_train`` runs."""
+    return (128, 64) if tiny else (1024, 512)
+
+
+def _train(model_dir, data, out_dir, sam, device, tiny, extra=(), launcher=(), timeout=None, max_steps=None,
+           bf16=None, env=None, find=None):
+    """``logitsam train`` in a subprocess. ``bf16``: bf16 autocast over the float32 weights (default: on CUDA only;
+    True also on a CPU); ``env``: extra environment variables; ``find``: a string looked for in the whole log
+    (``found``), not only in its tail."""
     cmd = [*launcher] if launcher else [sys.executable, "-m", "logitsam.cli"]
+    max_length, max_prompt_length = _lengths(tiny)
     cmd += ["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--sam", sam,
-            "--sam_rho", "1e-3", "--max_steps", "3" if tiny else "12", "--per_device_train_batch_size", "4",
-            "--max_length", "128" if tiny else "1024", "--max_prompt_length", "64" if tiny else "512",
+            "--sam_rho", "1e-3", "--max_steps", str(max_steps or (3 if tiny else 12)),
+            "--per_device_train_batch_size", "4", "--max_length", str(max_length),
+            "--max_prompt_length", str(max_prompt_length),
             "--learning_rate", "1e-6", "--eval_size", "0", "--logging_steps", "1", "--save_strategy", "no",
             "--output_dir", str(out_dir), "--report_to", "none", "--disable_tqdm", "true",
             "--dtype", "float32", *extra]
-    if device.startswith("cuda"):
+    if device.startswith("cuda") or bf16:
         cmd += ["--bf16", "true"]
-    else:
+    if not device.startswith("cuda"):
         cmd += ["--use_cpu", "true"]
-    proc = run_cmd(cmd, timeout=time_left() - 5 if timeout is None else timeout)
+    proc = run_cmd(cmd, timeout=time_left() - 5 if timeout is None else timeout, env=env)
     log = proc.stdout + proc.stderr
     result = {"returncode": proc.returncode, "log_tail": log[-2500:]}
+    if find is not None:
+        result["found"] = find in log
     info = Path(out_dir) / "run_info.json"
     if info.exists():
         result["run_info"] = json.loads(info.read_text())
@@ -271,6 +305,235 @@ def fsdp2(device: str, tiny: bool, work: Path) -> dict:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "logitsam.cli"]
     return _train(model_dir, data, work / "train-fsdp2", "logits", device, tiny, launcher=torchrun,
                   extra=("--fsdp", "full_shard auto_wrap", "--fsdp_config", str(fsdp_cfg)))
+
+
+# ---- checks of the precision and sharding fixes (tf32_ratio, bf16_step0_margins, zero3_skip, fsdp2_efficient_loading)
+
+RATIO_TOL = 0.05  # |r - 1| allowed for logits-SAM's first-order ratio
+ZERO3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",  # tests/train/test_deepspeed
+         "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                               "stage3_gather_16bit_weights_on_model_save": True}}
+ZERO3_SKIP_MESSAGE = "config key 'on_nonfinite' = 'skip' cannot run with DeepSpeed"
+
+
+def _read_flag(read):
+    try:
+        return read()
+    except (AttributeError, RuntimeError):  # torch >= 2.9 may refuse to read a flag after the APIs were mixed
+        return None
+
+
+@contextlib.contextmanager
+def fp32_matmul(*, allow_tf32: bool | None = None, precision: str | None = None):
+    """Sets torch's float32 matmul flags (``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.set_float32_matmul_precision``) for the block; both are restored after, whatever happens."""
+    saved_precision = _read_flag(torch.get_float32_matmul_precision)
+    saved_tf32 = _read_flag(lambda: torch.backends.cuda.matmul.allow_tf32)
+    try:
+        if precision is not None:
+            torch.set_float32_matmul_precision(precision)
+        if allow_tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved_precision or "highest")
+        if saved_tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+
+
+@contextlib.contextmanager
+def _fused_fp32():
+    """The heads as before the fix: float32 weights always take the fused ``H (W + eps)^T``, whatever the matmul
+    precision (``split_compute`` for half dtypes only), so a control shows what the check would catch."""
+    from logitsam.core import head as head_mod
+    from logitsam.core import sam as sam_mod
+
+    saved = head_mod.split_compute, sam_mod.split_compute
+
+    def half_only(dtype, device=None):
+        return dtype in head_mod.HALF_DTYPES
+
+    head_mod.split_compute = sam_mod.split_compute = half_only
+    try:
+        yield
+    finally:
+        head_mod.split_compute, sam_mod.split_compute = saved
+
+
+def tf32_ratio(device: str, tiny: bool) -> dict:
+    """logits-SAM's ``r`` with float32 weights, no autocast, under reduced-precision float32 matmuls (TF32 on CUDA:
+    ``allow_tf32``; ``set_float32_matmul_precision("high")``): the head keeps eps apart there
+    (``head.reduced_fp32_matmul`` / ``split_compute``), so r stays within 5 % of 1. Controls: exact float32
+    ("highest", the fused path) and the fused path forced under "high" (as before the fix; on a CPU float32 matmuls
+    stay exact, so it stays ~1 there, on a GPU with TF32 it is expected far from 1)."""
+    from logitsam.core.head import reduced_fp32_matmul
+
+    cuda = device.startswith("cuda")
+    modes = {"matmul_precision high": dict(precision="high")}
+    if cuda:
+        modes = {"allow_tf32": dict(allow_tf32=True), **modes}
+    out: dict = {"weights": "float32, no autocast", "tolerance": f"|r - 1| < {RATIO_TOL}", "cases": {},
+                 "reduced_fp32_matmul": {}, "controls": {}}
+    for mode, flags in modes.items():
+        with fp32_matmul(**flags):
+            out["reduced_fp32_matmul"][mode] = reduced_fp32_matmul(device)
+            out["cases"].update({f"{mode} / {k}": r for k, r in sam_ratios(device, tiny, torch.float32, None).items()})
+    with fp32_matmul(allow_tf32=False, precision="highest"):
+        out["controls"].update({f"highest (exact float32, fused) / {k}": r
+                                for k, r in sam_ratios(device, tiny, torch.float32, None).items()})
+    control = "allow_tf32" if cuda else "matmul_precision high"
+    with fp32_matmul(**modes[control]), _fused_fp32():
+        out["controls"].update({f"{control}, fused as before the fix / {k}": r
+                                for k, r in sam_ratios(device, tiny, torch.float32, None).items()})
+    out["flags_after"] = {"float32_matmul_precision": _read_flag(torch.get_float32_matmul_precision),
+                          "cuda.matmul.allow_tf32": _read_flag(lambda: torch.backends.cuda.matmul.allow_tf32)}
+    out["max_abs_r_minus_1"] = max(abs(r - 1) for r in out["cases"].values())
+    out["pass"] = out["max_abs_r_minus_1"] < RATIO_TOL and all(out["reduced_fp32_matmul"].values())
+    return out
+
+
+def _fix_model(work: Path, tiny: bool) -> tuple[Path, Path]:
+    """The model (random weights; "tiny", or "qwen-small" on a GPU: Qwen2.5's vocabulary, a small backbone) and the
+    pairs the fixes' training runs share, built once per shape."""
+    shape = "tiny" if tiny else "qwen-small"
+    root = work / f"fixes-{shape}"
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir = root / "model"
+    if not (model_dir / "tokenizer_config.json").exists():  # written last by build_model_dir
+        build_model_dir(shape, model_dir)
+    data = root / "pairs.jsonl"
+    if not data.exists():
+        write_pairs(data, 32, 100 if tiny else 400)
+    return model_dir, data
+
+
+def _first_record(out_dir: Path) -> dict | None:
+    metrics = Path(out_dir) / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return next((r for r in rows if "rewards/margins" in r), None)
+
+
+def bf16_step0_margins(device: str, tiny: bool, work: Path) -> dict:
+    """``logitsam train`` one DPO step (``--sam none``), float32 weights under bf16 autocast (``--bf16 true``; on a
+    CPU with ``--use_cpu``), with the precomputed reference (the default) and with the live one
+    (``--precompute_ref_log_probs false``): at step 0 the policy is the reference, so the first logged record's
+    ``rewards/margins`` is exactly 0 and ``loss`` ln 2 with both. (Before the fix the precompute ran outside the
+    autocast: margins -0.02, loss 0.704 on SmolLM2.)"""
+    import math
+    import shutil
+
+    model_dir, data = _fix_model(work, tiny)
+    root = work / "bf16-margins"
+    shutil.rmtree(root, ignore_errors=True)  # a fresh reference cache: the precompute must run, not be read
+    env = {"LOGITSAM_CACHE": str(root / "cache")}
+    ln2 = math.log(2)
+    out: dict = {"model": "tiny" if tiny else "qwen-small", "expected": {"rewards/margins": 0.0, "loss": ln2}}
+    runs = (("precomputed reference", ()), ("live reference", ("--precompute_ref_log_probs", "false")))
+    for i, (name, extra) in enumerate(runs):
+        run_dir = root / name.split()[0]
+        res = _train(model_dir, data, run_dir, "none", device, tiny, extra=extra, max_steps=1, bf16=True, env=env,
+                     timeout=time_left() / (len(runs) - i) - 5)
+        rec = _first_record(run_dir)
+        row: dict = {"returncode": res["returncode"],
+                     "reference_precompute_device": res["reference_precompute_device"]}
+        if rec is None:
+            row.update(error="no logged record with rewards/margins", log_tail=res["log_tail"])
+        else:
+            margins, loss = rec["rewards/margins"], rec.get("loss")
+            # transformers 4.x rounds the logged loss to 4 decimals (5.x does not)
+            rounded = loss is not None and loss == round(loss, 4)
+            tol = 5e-5 if rounded else 1e-6
+            row.update({"rewards/margins": margins, "loss": loss, "loss - ln2": None if loss is None else loss - ln2,
+                        "loss_tolerance": tol, "rewards/chosen": rec.get("rewards/chosen"),
+                        "rewards/rejected": rec.get("rewards/rejected"),
+                        "pass": margins == 0 and loss is not None and abs(loss - ln2) <= tol})
+            if rounded:
+                row["note"] = "the logged loss is rounded to 4 decimals by this transformers version"
+            if res["returncode"] != 0:
+                row["log_tail"] = res["log_tail"]
+        out[name] = row
+    out["pass"] = all(out[name].get("pass", False) for name, _ in runs)
+    return out
+
+
+def zero3_skip(device: str, tiny: bool, work: Path) -> dict:
+    """``logitsam train --on_nonfinite skip`` under DeepSpeed ZeRO-3 (one process on the GPU) must be refused with
+    a message naming the key (the engine steps inside backward, before a skip could be decided)."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return {"skipped": "deepspeed not installed"}
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    if gpus < 1:
+        return {"skipped": "needs a GPU, found 0 (ZeRO-3 on CPU processes: tests/train/test_deepspeed.py)"}
+    model_dir, data = _fix_model(work, tiny)
+    cfg = work / "zero3.json"
+    cfg.write_text(json.dumps(ZERO3))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "logitsam.cli"]
+    res = _train(model_dir, data, work / "zero3-skip", "logits", device, tiny, launcher=torchrun, max_steps=1,
+                 extra=("--deepspeed", str(cfg), "--on_nonfinite", "skip"), find=ZERO3_SKIP_MESSAGE)
+    found = res["found"]
+    out = {"returncode": res["returncode"], "message": ZERO3_SKIP_MESSAGE, "message_found": found,
+           "pass": res["returncode"] != 0 and found}
+    if not out["pass"]:
+        out["log_tail"] = res["log_tail"]
+    return out
+
+
+def fsdp2_efficient_loading(device: str, tiny: bool, work: Path) -> dict:
+    """2-rank FSDP2 with ``cpu_ram_efficient_loading`` (only rank 0 is sure to load real weights; FSDP2 broadcasts
+    them at preparation), one DPO step with the precomputed reference: every cached reference log-prob must equal a
+    1-process ``compute_reference_logps`` of the same rows (under the run's precision). Needs 2 GPUs: NCCL cannot put
+    two ranks on one GPU."""
+    import shutil
+
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    if gpus < 2:
+        return {"skipped": f"needs 2 GPUs, found {gpus}"}
+    from logitsam.data import build_preference_dataset
+    from logitsam.models import load_model, load_tokenizer
+    from logitsam.train.reference import compute_reference_logps
+
+    model_dir, data = _fix_model(work, tiny)
+    root = work / "fsdp2-efficient"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    cache = root / "cache"
+    cfg = root / "fsdp2.json"
+    cfg.write_text(json.dumps({"fsdp_version": 2, "cpu_ram_efficient_loading": True, "reshard_after_forward": True}))
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "LOGITSAM_CACHE": str(cache)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "logitsam.cli"]
+    res = _train(model_dir, data, root / "run", "none", device, tiny, launcher=torchrun, max_steps=1, env=env,
+                 extra=("--fsdp", "full_shard auto_wrap", "--fsdp_config", str(cfg)))
+    files = sorted((cache / "ref_logps").glob("*.pt"))
+    out: dict = {"gpus": gpus, "returncode": res["returncode"], "cache_files": [f.name for f in files]}
+    if res["returncode"] != 0 or len(files) != 1:
+        out.update(error="the run failed or did not leave exactly one reference cache file", log_tail=res["log_tail"])
+        return out
+    saved = torch.load(files[0], weights_only=True)
+    rows = (~saved["chosen"].isnan() & ~saved["rejected"].isnan()).nonzero().flatten().tolist()
+    tokenizer = load_tokenizer(model_dir)
+    max_length, max_prompt_length = _lengths(tiny)
+    dataset, _ = build_preference_dataset(str(data), tokenizer, max_length=max_length,
+                                          max_prompt_length=max_prompt_length)
+    model = load_model(model_dir, dtype="float32").to(device)
+    chosen, rejected = compute_reference_logps(  # under the run's precision: bf16 autocast over float32 weights
+        model, dataset, rows, pad_token_id=tokenizer.pad_token_id, batch_size=4,
+        autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+    del model
+    _free(device)
+    cached = torch.cat([saved["chosen"][rows], saved["rejected"][rows]]).float()
+    ours = torch.cat([chosen, rejected]).float()
+    diff = (cached - ours).abs()
+    out.update({"rows": len(rows), "dataset_rows": len(dataset), "max_abs_diff": float(diff.max()),
+                "max_rel_diff": float((diff / ours.abs().clamp_min(1e-6)).max()),
+                "mean_abs_logp": float(ours.abs().mean()), "tolerance": "max_rel_diff < 1e-2 (bf16 autocast; other "
+                "batch compositions; a rank with unloaded weights is off by O(1))"})
+    out["pass"] = len(rows) >= 8 and out["max_rel_diff"] < 1e-2
+    return out
 
 
 # ---- head step at given shapes (head_memory_7b, host_syncs, head_profile) ----------------------------------
@@ -766,11 +1029,18 @@ def head_profile(device: str, tiny: bool) -> dict:
 
 
 # name -> (function of (device, tiny, work), time cap in seconds), in run order: the head checks first, the
-# subprocess trainings last. Expected on an H200 (not yet measured): first_order_ratio ~15 s, head_memory_7b ~40 s,
-# head_profile ~30 s, host_syncs ~60 s, head_bench ~90 s (8 fresh processes for memory), train ~120 s, fsdp2 ~60 s:
-# ~7 minutes. The run's --budget (470 s on a GPU) cuts whatever is left at the end; rerun it with --parts.
+# subprocess trainings last, the fixes' checks (tf32_ratio .. fsdp2_efficient_loading) early since they are short.
+# Expected on an H200 (not yet measured): first_order_ratio ~15 s, tf32_ratio ~10 s, bf16_step0_margins ~40 s (two
+# 1-step CLI runs), zero3_skip ~0 s without DeepSpeed (~35 s with it), fsdp2_efficient_loading ~0 s on one GPU
+# (~60 s on two), head_memory_7b ~40 s, head_profile ~30 s, host_syncs ~60 s, head_bench ~90 s (8 fresh processes
+# for memory), train ~120 s, fsdp2 ~60 s: ~7.8 minutes on one GPU without DeepSpeed. The run's --budget (470 s on
+# a GPU) cuts whatever is left at the end (fsdp2 first); rerun it with --parts.
 PARTS = {
     "first_order_ratio": (lambda device, tiny, work: first_order(device, tiny), 60),
+    "tf32_ratio": (lambda device, tiny, work: tf32_ratio(device, tiny), 60),
+    "bf16_step0_margins": (bf16_step0_margins, 120),
+    "zero3_skip": (zero3_skip, 90),
+    "fsdp2_efficient_loading": (fsdp2_efficient_loading, 150),  # skipped with fewer than 2 GPUs
     "head_memory_7b": (lambda device, tiny, work: head_memory(device, tiny), 120),
     "head_profile": (lambda device, tiny, work: head_profile(device, tiny), 90),
     "host_syncs": (host_syncs, 150),

@@ -21,6 +21,12 @@ CHAT_TEMPLATE = (
 )
 
 
+def needs(available: bool, what: str):
+    """Skip a multi-process test whose launcher (torchrun, accelerate, DeepSpeed) is missing, except in CI: CI
+    (``CI`` set, as ``.ci/run`` does) installs every launcher, so there the test runs and fails instead."""
+    return pytest.mark.skipif(not available and not os.environ.get("CI"), reason=f"{what} not available")
+
+
 def make_tiny_tokenizer():
     """A character-level fast tokenizer with special tokens and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -419,11 +419,20 @@ def _gain_llama(gain: float):
     return model
 
 
+@pytest.fixture(params=["outside", "inside"])
+def check_linear_head(request):
+    """The check on a bare model (``models.check_linear_head``: a forward, then the matmul beside it) and as training
+    runs it on a prepared model (``train._inside.check_linear_head_inside``: the probes run as the head's forward)."""
+    if request.param == "outside":
+        from logitsam.models import check_linear_head
+        return check_linear_head
+    from logitsam.train._inside import check_linear_head_inside
+    return check_linear_head_inside
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tie", [False, True])
-def test_check_linear_head_passes_plain_heads(tie, dtype):
-    from logitsam.models import check_linear_head
-
+def test_check_linear_head_passes_plain_heads(check_linear_head, tie, dtype):
     model = make_tiny_llama(vocab_size=32, tie=tie).to(dtype).train()
     check_linear_head(model, *_batch(32))
     assert model.training  # the check runs in eval mode and puts the mode back
@@ -431,10 +440,10 @@ def test_check_linear_head_passes_plain_heads(tie, dtype):
     check_linear_head(_gain_llama(1.0).to(dtype), *_batch(32))
 
 
-def test_check_linear_head_refuses_logit_soft_capping():
+def test_check_linear_head_refuses_logit_soft_capping(check_linear_head):
     """A random tiny model's logits are ~0.1, where tanh(z / 30) * 30 differs from z by 1e-7: only the
     amplified probe (largest logit 100, capped to 29.9) sees the cap."""
-    from logitsam.models import ModelError, check_linear_head
+    from logitsam.models import ModelError
 
     with pytest.raises(ModelError, match=r"'tiny-gemma2' \(Gemma2ForCausalLM\) does not compute its logits as "
                                          r"hidden @ W\^T.*final_logit_softcapping=30.0"):
@@ -444,8 +453,8 @@ def test_check_linear_head_refuses_logit_soft_capping():
 
 
 @pytest.mark.parametrize("gain", [4.0, 0.0625, 1.01])
-def test_check_linear_head_refuses_a_logit_multiplier_under_any_name(gain):
-    from logitsam.models import ModelError, check_linear_head
+def test_check_linear_head_refuses_a_logit_multiplier_under_any_name(check_linear_head, gain):
+    from logitsam.models import ModelError
 
     model = _gain_llama(gain)
     check_linear_head(make_tiny_llama(vocab_size=32), *_batch(32))  # the same weights without the gain pass

@@ -554,7 +554,6 @@ def check_linear_head(model: nn.Module, input_ids: torch.Tensor, attention_mask:
                          "building (B, T, V) logits")
     head = lm_head_of(model)
     weight, bias = head.weight, getattr(head, "bias", None)  # (V, d), (V,) or None
-    rtol = HEAD_RTOL.get(weight.dtype, HEAD_RTOL[torch.bfloat16])
     input_ids, attention_mask = input_ids.to(weight.device), attention_mask.to(weight.device)
     was_training = model.training
     model.eval()
@@ -568,13 +567,19 @@ def check_linear_head(model: nn.Module, input_ids: torch.Tensor, attention_mask:
             checks.append((f"hidden states x {scale:.3g}", logits, torch.nn.functional.linear(hidden, weight, bias)))
     finally:
         model.train(was_training)
+    compare_head_probes(base, label, checks, weight.dtype)
+
+
+def compare_head_probes(base: nn.Module, label: str, checks, dtype: torch.dtype) -> None:
+    """Raise ``ModelError`` unless every ``(probe, model_logits, hidden @ W^T)`` agrees to ``HEAD_RTOL[dtype]``."""
+    rtol = HEAD_RTOL.get(dtype, HEAD_RTOL[torch.bfloat16])
     for probe, got, want in checks:
         got, want = got.float(), want.float()
         err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
         if not err <= rtol:  # also catches NaN
             raise ModelError(
                 f"{label} does not compute its logits as hidden @ W^T (+ b): on {probe} its last-position logits "
-                f"differ from the LM head's matmul by {err:.3g} (relative; the tolerance for {weight.dtype} is "
+                f"differ from the LM head's matmul by {err:.3g} (relative; the tolerance for {dtype} is "
                 f"{rtol:g}), as a logit soft-cap, scale or multiplier after the head does"
                 f"{_logit_config_hint(base)}. logitsam computes log-probs as hidden @ W^T and cannot train or "
                 "score such a model; use one whose head is a plain linear map (Llama, Qwen, SmolLM2, Gemma 3)")

@@ -21,6 +21,9 @@ def make_workdir(root):
     rows = [{"prompt": f"Q{i}:", "chosen": f" yes {i}", "rejected": f" no no {i}"} for i in range(16)]
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "fsdp.json").write_text(json.dumps({"fsdp_version": 2, "reshard_after_forward": True}))
+    # as recipes/accelerate/fsdp2.yaml: rank 0 loads, FSDP2 broadcasts its weights at preparation
+    (root / "fsdp-efficient.json").write_text(json.dumps({"fsdp_version": 2, "reshard_after_forward": True,
+                                                          "cpu_ram_efficient_loading": True}))
     for tied in (True, False):
         tok, model = make_tiny_tokenizer(), make_tiny_llama(vocab_size=105, tie=tied)
         model.save_pretrained(root / f"model-{tied}")
@@ -28,7 +31,8 @@ def make_workdir(root):
     return root
 
 
-def launch(workdir, out, tied, chunk, *, fsdp, env_extra=None, sam="logits", extra=(), launcher=None):
+def launch(workdir, out, tied, chunk, *, fsdp, env_extra=None, sam="logits", extra=(), launcher=None,
+           fsdp_config="fsdp.json"):
     """One training step on 2 processes; returns the completed process (no assertion on its return code).
 
     ``launcher`` (default: ``fsdp``) runs ``_sharded_launch.py`` instead of ``-m logitsam.cli``."""
@@ -41,7 +45,7 @@ def launch(workdir, out, tied, chunk, *, fsdp, env_extra=None, sam="logits", ext
         keys["--sam_chunk_size"] = str(chunk)
     args = ["train", *(x for kv in keys.items() for x in kv)]
     if fsdp:
-        args += ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(workdir / "fsdp.json")]
+        args += ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(workdir / fsdp_config)]
     port = 29500 + (os.getpid() + hash(str(out))) % 2000
     return subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port), *entry, *args],
                           env=env, capture_output=True, text=True, timeout=300)

@@ -11,8 +11,10 @@
 - ``LOGITSAM_TEST_DEEPSPEED=1`` (with ``DS_ACCELERATOR=cpu`` and ``--deepspeed``): DeepSpeed on CPU processes.
   accelerate 1.15 finds no accelerator backend there and records a 1-process run although DeepSpeed initialised
   torch.distributed for 2 (its gathers then fail); the process count is taken from torch.distributed. DeepSpeed's
-  shared-memory comm op is not built (a JIT compile). ``run.check_linear_head`` is skipped: it runs a forward on the
-  model outside the engine, where ZeRO-3 (``zero.Init`` at load) holds empty partitions.
+  shared-memory comm op is not built (a JIT compile).
+- ``LOGITSAM_TEST_NOISE_OTHER_RANKS=1``: after loading, ranks > 0 overwrite every loaded model's weights with noise,
+  standing for CPU-RAM-efficient loading where only rank 0 is sure to hold real weights (transformers before 5 left
+  the other ranks' unloaded) until FSDP2 broadcasts rank 0's at preparation.
 
 After training, rank 0 writes ``sharding.json`` (which parameters are DTensors or empty ZeRO-3 partitions, the
 policy's and, under ``ref``, a separate reference model's) into the output directory.
@@ -25,6 +27,9 @@ from pathlib import Path
 
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared CPU workarounds
+from _cpu_workarounds import deepspeed_on_cpu  # noqa: E402
 
 
 def _fsdp_on_cpu():
@@ -40,25 +45,23 @@ def _fsdp_on_cpu():
     AcceleratorState.__init__ = patched
 
 
-def _deepspeed_on_cpu():
-    import importlib
+def _noise_other_ranks():
+    import torch
 
-    import torch.distributed as dist
-
+    import logitsam.models
     import logitsam.train.run
 
-    # (``import deepspeed.comm.torch as m`` would bind torch itself: deepspeed.comm re-exports it as ``torch``)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    init = PartialState.__init__
+    load = logitsam.models.load_model
 
-    def patched(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        if dist.is_initialized() and self.num_processes != dist.get_world_size():
-            self.num_processes, self.process_index = dist.get_world_size(), dist.get_rank()
-            self.local_process_index, self.backend = int(os.environ["LOCAL_RANK"]), "gloo"
+    def patched(*args, **kwargs):
+        model = load(*args, **kwargs)
+        if int(os.environ.get("RANK", "0")) > 0:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_()
+        return model
 
-    PartialState.__init__ = patched
-    logitsam.train.run.check_linear_head = lambda *args, **kwargs: None
+    logitsam.models.load_model = logitsam.train.run.load_model = patched
 
 
 def _root_reshard_layout():
@@ -129,7 +132,9 @@ def _report_sharding():
 if __name__ == "__main__":
     _fsdp_on_cpu()
     if os.environ.get("LOGITSAM_TEST_DEEPSPEED") == "1":
-        _deepspeed_on_cpu()
+        deepspeed_on_cpu()
+    if os.environ.get("LOGITSAM_TEST_NOISE_OTHER_RANKS") == "1":
+        _noise_other_ranks()
     if os.environ.get("LOGITSAM_TEST_LAYOUT") == "root_reshard":
         _root_reshard_layout()
     if os.environ.get("LOGITSAM_TEST_HEAD_AFTER_FORWARD") == "1":

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import needs
 from transformers import AutoModelForCausalLM
 
 COMMON = ["--max_steps", "2", "--learning_rate", "0.05", "--optim", "sgd", "--eval_size", "0", "--logging_steps", "1",
@@ -27,8 +28,8 @@ def _run(cmd, env):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(
-    os.path.dirname(sys.executable), "torchrun")), reason="torchrun not available")
+@needs(shutil.which("torchrun") is not None or os.path.exists(os.path.join(os.path.dirname(sys.executable),
+                                                                         "torchrun")), "torchrun")
 @pytest.mark.parametrize("sam", ["none", "logits", "full"])
 def test_two_processes_equal_one(tiny_model_dir, tmp_path, sam):
     env = {**os.environ, "LOGITSAM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
@@ -65,12 +66,17 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, sam):
             assert ratios and all(0.5 < r < 2 for r in ratios), ratios
         else:
             assert all(r["sam/loss_post"] > r["sam/loss_pre"] for r in logs if "sam/loss_pre" in r)
+        # SAM's metrics are means over the ranks, as one process's mean over the same micro-batches (full SAM's
+        # used to be rank 0's own)
+        for key in ("sam/loss_pre", "sam/loss_post", "sam/grad_norm"):
+            got = {run: [r[key] for r in rows if key in r] for run, rows in records.items()}
+            assert got[two] and got[two] == pytest.approx(got[one], rel=1e-5), (key, got)
 
 
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 
 
-@pytest.mark.skipif(not os.path.exists(ACCELERATE), reason="accelerate launcher not available")
+@needs(os.path.exists(ACCELERATE), "the accelerate launcher")
 def test_accelerate_launch_runs_two_processes(tiny_model_dir, tmp_path):
     """``accelerate launch -m logitsam.cli train``: two ranks that end in sync.
 

@@ -374,16 +374,16 @@ def test_config_names_the_loss_layers_f_divergences():
 
 def test_precompute_ref_batch_size_reaches_the_reference_pass(tiny_model_dir, pairs_file, tmp_path, cache,
                                                              monkeypatch):
-    import logitsam.train.run as run
+    import logitsam.train.reference as reference
 
     sizes = []
-    orig = run.cached_reference_logps
+    orig = reference.cached_reference_logps
 
     def spy(*args, **kw):
         sizes.append(kw["batch_size"])
         return orig(*args, **kw)
 
-    monkeypatch.setattr(run, "cached_reference_logps", spy)
+    monkeypatch.setattr(reference, "cached_reference_logps", spy)
     run_training(config(tiny_model_dir, pairs_file, tmp_path / "a", cache, sam="none", max_steps=1,
                         precompute_ref_batch_size=3))
     run_training(config(tiny_model_dir, pairs_file, tmp_path / "b", cache, sam="none", max_steps=1,

@@ -17,13 +17,16 @@ weights (w - lr * grad) to 1e-6, so every parameter's gradient, the head's inclu
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
-from _sharded import TORCHRUN, launch, make_workdir, ok
+from _sharded import COMMON, TORCHRUN, launch, make_workdir, ok
+from conftest import needs
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not available")
+pytestmark = needs(os.path.exists(TORCHRUN), "torchrun")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def _assert_same_step(fsdp_dir, ddp_dir, init_dir, tied):
     sharding = json.loads((fsdp_dir / "sharding.json").read_text())
     assert sharding["fsdp"] and sharding["head_is_dtensor"], sharding
     assert sharding["dtensor_params"] == sharding["params"], sharding  # every parameter really was sharded
-    assert json.loads((fsdp_dir / "run_info.json").read_text())["ranks_in_sync"] is True
+    assert json.loads((fsdp_dir / "run_info.json").read_text())["ranks_in_sync"] is None  # nothing replicated
     a, b, init = (load_file(d / "model.safetensors") for d in (ddp_dir, fsdp_dir, init_dir))
     if tied:  # the FSDP2 full state dict keeps the tied head as its own (equal) tensor
         torch.testing.assert_close(b.pop("lm_head.weight"), b["model.embed_tokens.weight"], atol=0, rtol=0)
@@ -128,3 +131,59 @@ def test_fsdp2_separate_reference_is_sharded_and_equals_ddp(workdir, tmp_path):
     margins = {f: [r["rewards/margins"] for r in logs[f] if "rewards/margins" in r] for f in logs}
     assert len(margins[True]) == 2 and margins[True][1] != 0, margins
     assert margins[True] == pytest.approx(margins[False], abs=1e-6), margins
+
+
+def test_fsdp2_cpu_ram_efficient_loading_precompute_equals_one_process(workdir, ddp_run, tmp_path):
+    """``fsdp_cpu_ram_efficient_loading: true`` (recipes/accelerate/fsdp2.yaml): only rank 0 is sure to hold real
+    weights until FSDP2 broadcasts them at preparation; here rank 1 overwrites its loaded weights with noise to stand
+    for that. The head check and the reference precompute run at train begin on the prepared models, so every cached
+    reference log-prob (DPO, the default precompute) equals the 1-process value, and the step equals DDP's. (Before,
+    the precompute ran on each rank's unprepared copy: rank 1's share came from the noise.)"""
+    from logitsam.data import build_preference_dataset
+    from logitsam.models import load_model, load_tokenizer
+    from logitsam.train.reference import compute_reference_logps
+
+    cache = tmp_path / "cache"
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "LOGITSAM_CACHE": str(cache),
+           "LOGITSAM_TEST_NOISE_OTHER_RANKS": "1"}
+    out = tmp_path / "efficient"
+    ok(launch(workdir, out, False, None, fsdp=True, env_extra=env, fsdp_config="fsdp-efficient.json"))
+    _assert_same_step(out, ddp_run(False, None), workdir / "model-False", False)
+
+    files = list((cache / "ref_logps").glob("*.pt"))
+    assert len(files) == 1, files
+    saved = torch.load(files[0], weights_only=True)
+    rows = (~saved["chosen"].isnan()).nonzero().flatten().tolist()
+    assert len(rows) >= 4, rows  # both ranks' shares (2 pairs each, + the look-ahead batch)
+    model_dir = workdir / "model-False"
+    tokenizer = load_tokenizer(model_dir)
+    dataset, _ = build_preference_dataset(str(workdir / "pairs.jsonl"), tokenizer, max_length=32, max_prompt_length=16)
+    chosen, rejected = compute_reference_logps(load_model(model_dir, dtype="float32"), dataset, rows,
+                                               pad_token_id=tokenizer.pad_token_id)
+    torch.testing.assert_close(saved["chosen"][rows], chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(saved["rejected"][rows], rejected, atol=1e-5, rtol=0)
+
+
+def test_fsdp2_global_sam_norm_and_bf16_ratio(workdir, tmp_path):
+    """``sam_norm: global`` on 2 ranks: each rank scales its eps by the root of the squared head-gradient norms
+    averaged over the ranks. The independent value: one process, learning rate 0, reads the same two batches as two
+    steps (rank 0's, then rank 1's) with ``sam_norm: local`` and logs each norm n0, n1: the 2-rank run must log
+    sqrt((n0^2 + n1^2) / 2) (``local`` would log (n0 + n1) / 2). Then bf16 autocast under FSDP2 (``--bf16 true``,
+    fp32 weights, chunked head): logits-SAM's ``sam/first_order_ratio`` stays ~1."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    ok(launch(workdir, two, False, None, fsdp=True, extra=["--sam_norm", "global", "--sam_rho", "0.01"]))
+    env = {**os.environ, "LOGITSAM_CACHE": str(workdir / "cache"), "OMP_NUM_THREADS": "1"}
+    keys = dict(zip(COMMON[::2], COMMON[1::2], strict=True)) | {
+        "--model_name_or_path": str(workdir / "model-False"), "--dataset_name": str(workdir / "pairs.jsonl"),
+        "--output_dir": str(one), "--sam": "logits", "--sam_rho": "0.01", "--learning_rate": "0", "--max_steps": "2"}
+    ok(subprocess.run([sys.executable, "-m", "logitsam.cli", "train", *(x for kv in keys.items() for x in kv)],
+                      env=env, capture_output=True, text=True, timeout=300))
+    n0, n1 = (json.loads(line)["sam/grad_norm"] for line in (one / "metrics.jsonl").read_text().splitlines()[:2])
+    assert abs(n0 - n1) > 1e-3 * n0, (n0, n1)  # the two definitions differ here
+    logged = json.loads((two / "metrics.jsonl").read_text().splitlines()[0])["sam/grad_norm"]
+    assert logged == pytest.approx(((n0**2 + n1**2) / 2) ** 0.5, rel=1e-5), (logged, n0, n1)
+
+    bf16 = tmp_path / "bf16"
+    ok(launch(workdir, bf16, False, 8, fsdp=True, extra=["--sam_rho", "0.01", "--bf16", "true"]))
+    ratio = json.loads((bf16 / "metrics.jsonl").read_text().splitlines()[0])["sam/first_order_ratio"]
+    assert 0.8 < ratio < 1.25, ratio

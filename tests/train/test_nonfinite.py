@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import needs
 from test_trainer import config, final_weights, records
 
 from logitsam.train.run import run_training
@@ -76,7 +77,7 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(_torchrun() is None, reason="torchrun not available")
+@needs(_torchrun() is not None, "torchrun")
 def test_nan_on_one_rank_skips_on_all_ranks(tiny_model_dir, tmp_path):
     """Two gloo processes, NaN on rank 1 only at step 2: no hang, both ranks skip, weights = after step 1."""
     rows = [{"prompt": f"Q{i}:", "chosen": f" yes {i}", "rejected": f" no no {i}"} for i in range(16)]
@@ -128,3 +129,21 @@ def test_checkpoint_nonfinite_check_reads_local_shards_and_partitions():
     model.c = torch.nn.Parameter(torch.ones(3))
     accelerator = type("Acc", (), {"device": torch.device("cpu"), "num_processes": 1})()
     assert nonfinite_parameters(model, accelerator) == ["a", "b"]
+
+
+def test_checkpoint_nonfinite_check_reads_the_device_once(monkeypatch):
+    """One host read for the whole model (a stacked flag vector), not one sync per parameter: on a GPU each read
+    waits for the device, and a 7B model has ~300 tensors."""
+    from logitsam.train.trainer import nonfinite_parameters
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(4)])
+    with torch.no_grad():
+        model[2].bias[1] = float("nan")
+    accelerator = type("Acc", (), {"device": torch.device("cpu"), "num_processes": 1})()
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            reads.append(_name) or _real(self, *a, **k))
+    assert nonfinite_parameters(model, accelerator) == ["2.bias"]
+    assert reads == ["tolist"], reads

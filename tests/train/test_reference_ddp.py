@@ -4,9 +4,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from _run_config import write_pairs
+from conftest import needs
 from transformers import AutoModelForCausalLM
 
 from logitsam.models import load_tokenizer
@@ -19,7 +19,7 @@ ARGS = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_size",
         "--max_length", "32", "--max_prompt_length", "16", "--seed", "0", "--save_steps", "100", "--optim", "sgd"]
 
 
-@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not available")
+@needs(os.path.exists(TORCHRUN), "torchrun")
 def test_two_processes_share_the_reference_pass(tiny_model_dir, tmp_path):
     """16 pairs, 2 steps x batch 2 per rank: each rank reads 3 batches (one is accelerate's look-ahead).
 

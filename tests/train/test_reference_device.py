@@ -12,7 +12,7 @@ import logitsam.train.reference as reference
 import logitsam.train.run as run
 from logitsam.data import build_preference_dataset
 from logitsam.models import load_tokenizer
-from logitsam.train.reference import RequireReference, cached_reference_logps, model_identity
+from logitsam.train.reference import ReferenceLookup, cached_reference_logps, model_identity
 from logitsam.train.run import run_training
 
 
@@ -45,7 +45,7 @@ def spy(monkeypatch):
 def test_max_steps_run_precomputes_only_the_pairs_it_reads(tiny_model_dir, pairs40, tmp_path, cache, spy, caplog):
     """36 train pairs, 3 steps x batch 2 x accumulation 2 = 12 read, + the 2 of accelerate's look-ahead batch.
 
-    The run finishing proves the plan matched the Trainer's order: ``RequireReference`` raises on any
+    The run finishing proves the plan matched the Trainer's order: ``ReferenceLookup`` raises on any
     batch holding a row that was not computed.
     """
     with caplog.at_level("INFO", logger="logitsam.train"):
@@ -65,16 +65,20 @@ def test_epoch_run_precomputes_every_pair(tiny_model_dir, pairs40, tmp_path, cac
 
 def test_a_row_outside_the_plan_is_an_error(tiny_model_dir, pairs40, tmp_path, cache, monkeypatch):
     """A wrong plan must stop the run, never train against a NaN (or zero) reference."""
-    monkeypatch.setattr(run, "consumed_indices", lambda *a, **k: [0, 1])
+    monkeypatch.setattr(reference, "consumed_indices", lambda *a, **k: [0, 1])
     with pytest.raises(RuntimeError, match="without a precomputed ref_chosen_logps"):
         run_training(run_config(tiny_model_dir, pairs40, tmp_path / "run", max_steps=2))
 
 
-def test_require_reference_passes_complete_batches():
-    collate = RequireReference(lambda rows: {"ref_chosen_logps": torch.tensor([r["c"] for r in rows])})
-    assert collate([{"c": -1.0}, {"c": -2.0}])["ref_chosen_logps"].tolist() == [-1.0, -2.0]
-    with pytest.raises(RuntimeError, match="index"):
-        collate([{"c": -1.0, "index": 3}, {"c": float("nan"), "index": 7}])
+def test_reference_lookup_adds_the_values_of_complete_batches():
+    collate = ReferenceLookup(lambda rows: {"n": len(rows)})
+    with pytest.raises(RuntimeError, match="before the reference log-probs were precomputed"):
+        collate([{"ref_row": 0}])
+    collate.set(torch.tensor([-1.0, -2.0, float("nan")]), torch.tensor([-3.0, -4.0, -5.0]))
+    batch = collate([{"ref_row": 1}, {"ref_row": 0}])
+    assert batch["ref_chosen_logps"].tolist() == [-2.0, -1.0] and batch["ref_rejected_logps"].tolist() == [-4.0, -3.0]
+    with pytest.raises(RuntimeError, match=r"index' \[7\]"):
+        collate([{"ref_row": 0, "index": 3}, {"ref_row": 2, "index": 7}])
 
 
 def _expected_device(tmp_path, use_cpu):
@@ -162,3 +166,75 @@ def test_trainer_prepares_a_separate_reference_on_its_device(tmp_path, use_cpu):
     assert trainer.ref_model is ref and ref in trainer.accelerator._models
     assert {p.device for p in ref.parameters()} == {trainer.accelerator.device} == {_expected_device(tmp_path, use_cpu)}
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+
+
+def _first_log(out):
+    import json
+
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_bf16_autocast_reference_equals_the_policy_at_step_0(tiny_model_dir, pairs40, tmp_path, cache):
+    """``dtype: float32`` + ``bf16: true`` (every GPU recipe): the policy runs under bf16 autocast, and so must its
+    reference. The first logged step is before any update, so policy = reference: margins exactly 0 and the DPO loss
+    ln 2, with the precomputed reference and with the live one. (A reference pass outside the autocast, in fp32,
+    gave margins of -0.02 and a loss of 0.704 on SmolLM2.) fp32 and bf16 precomputes are different cache entries."""
+    import math
+
+    common = dict(max_steps=1, sam="none", dtype="float32", eval_size=0, per_device_train_batch_size=4)
+    for precompute in (True, False):
+        out = tmp_path / f"bf16-{precompute}"
+        run_training(run_config(tiny_model_dir, pairs40, out, bf16=True, precompute_ref_log_probs=precompute,
+                                **common))
+        first = _first_log(out)
+        assert first["rewards/margins"] == 0.0, (precompute, first)
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6), (precompute, first)
+    assert len(list((cache / "ref_logps").glob("*.pt"))) == 1
+    run_training(run_config(tiny_model_dir, pairs40, tmp_path / "fp32", **common))
+    assert _first_log(tmp_path / "fp32")["rewards/margins"] == 0.0
+    assert len(list((cache / "ref_logps").glob("*.pt"))) == 2  # not the bf16 values reused
+
+
+_MERGE_SCRIPT = """
+import sys, time, torch
+from transformers import AutoModelForCausalLM
+import logitsam.train.reference as reference
+from logitsam.data import build_preference_dataset
+from logitsam.models import load_tokenizer
+
+model_dir, pairs, cache, first, last = sys.argv[1:6]
+tokenizer = load_tokenizer(model_dir)
+dataset, _ = build_preference_dataset(pairs, tokenizer, max_length=32, max_prompt_length=16)
+real = reference.compute_reference_logps
+
+def slow(*args, **kwargs):  # both processes have read the (empty) cache before either writes
+    out = real(*args, **kwargs)
+    time.sleep(2.0)
+    return out
+
+reference.compute_reference_logps = slow
+model = AutoModelForCausalLM.from_pretrained(model_dir)
+reference.cached_reference_logps(model, dataset, range(int(first), int(last)), pad_token_id=tokenizer.pad_token_id,
+                                 batch_size=4, cache_dir=cache)
+"""
+
+
+def test_two_runs_sharing_the_cache_lose_no_rows(tiny_model_dir, pairs40, tmp_path):
+    """Two processes fill disjoint rows of one cache file at the same time. Each merges its rows into the file as it
+    is at write time, under a file lock; a plain read-modify-write lets the later writer drop the earlier one's."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "shared-cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _MERGE_SCRIPT, str(tiny_model_dir), str(pairs40), str(cache),
+                               str(first), str(last)], env=env, stderr=subprocess.PIPE, text=True)
+             for first, last in ((0, 6), (6, 12))]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    files = list((cache / "ref_logps").glob("*.pt"))
+    assert len(files) == 1, files
+    saved = torch.load(files[0], weights_only=True)
+    assert (~saved["chosen"].isnan()).nonzero().flatten().tolist() == list(range(12))

@@ -206,3 +206,28 @@ def test_peft_reference_is_the_policy_without_adapters(tiny_model_dir, pairs_fil
     assert logs[0]["sam/loss_pre"] == pytest.approx(0.693147, abs=1e-5)
     assert (out / "adapter_model.safetensors").exists() and result["global_step"] == 2
     assert list(out.rglob("events.out.tfevents*")), "report_to=tensorboard wrote no event file"
+
+
+def test_gradient_checkpointing_through_the_trainer_equals_off(tiny_model_dir, pairs_file, tmp_path, cache,
+                                                               monkeypatch):
+    """``gradient_checkpointing: true``: load_model enables non-reentrant checkpointing and Trainer.train enables it
+    again with ``gradient_checkpointing_kwargs`` (made explicit: non-reentrant). Two logits-SAM steps with SGD land
+    on the same weights as without checkpointing, so every gradient, the backbone's recomputed ones included, is
+    the same; and the checkpointing really ran, non-reentrant."""
+    import logitsam.train.run as run
+
+    loaded = []
+    real = run.load_policy
+    monkeypatch.setattr(run, "load_policy", lambda cfg: loaded.append(real(cfg)) or loaded[-1])
+    runs = {}
+    for on in (False, True):
+        runs[on] = tmp_path / f"gc-{on}"
+        run_training(config(tiny_model_dir, pairs_file, runs[on], cache, max_steps=2, eval_size=0, optim="sgd",
+                            sam="logits", learning_rate=0.1, gradient_checkpointing=on))
+    model = loaded[-1][1]
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert layers and all(m._gradient_checkpointing_func.keywords.get("use_reentrant") is False for m in layers)
+    w_off, w_on = final_weights(runs[False]), final_weights(runs[True])
+    assert any(not torch.equal(w_off[k], v) for k, v in final_weights(tiny_model_dir).items())
+    for k in w_off:
+        torch.testing.assert_close(w_on[k], w_off[k], atol=1e-6, rtol=0, msg=k)

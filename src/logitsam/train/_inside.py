@@ -104,3 +104,55 @@ def head_inside_forward(model: nn.Module, input_ids: torch.Tensor, attention_mas
     if aux is not None and getattr(out, "aux_loss", None) is not None:
         aux["aux_loss"] = out.aux_loss
     return out.logits
+
+
+def check_linear_head_inside(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                             name=None, device=None) -> None:
+    """``models.check_linear_head`` for a model as training runs it: prepared, wrapped and possibly sharded.
+
+    The two probes (the batch's last-position hidden states, and the same scaled until the largest logit is
+    ``PROBE_LOGIT``) run as the LM head's forward inside the outermost wrapper's forward, where FSDP2 and ZeRO-3
+    have gathered the head, under whatever autocast the prepared model applies. The head returns both probes'
+    ``hidden @ W^T (+ b)`` as a (B, 2, V) tensor; a model that soft-caps, scales or multiplies its logits does so to
+    what the head returned, and the model's logits then differ from it. One forward on every rank (a collective
+    under sharding): call it on all ranks with the same batch shape.
+
+    Args:
+        model: the outermost module (DDP, FSDP2 root, DeepSpeed engine, PEFT, or a plain causal LM).
+        input_ids, attention_mask: (B, T), a few real rows; moved to ``device`` (default: the first parameter's).
+        name: the model's path or id, for the message.
+
+    Raises:
+        ModelError: as ``check_linear_head``.
+    """
+    from ..models import PROBE_LOGIT, ModelError, compare_head_probes
+
+    base = unwrap_model(model)
+    label = f"{str(name)!r} ({type(base).__name__})" if name is not None else type(base).__name__
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        raise ModelError(f"{label}: its forward has no logits_to_keep, so logitsam cannot run it without "
+                         "building (B, T, V) logits")
+    device = device if device is not None else next(base.parameters()).device
+    kept: dict = {}
+
+    def head_pass(hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        last = hidden[:, -1:]  # (B, 1, d)
+        weight, bias = head.weight, getattr(head, "bias", None)
+        plain = torch.nn.functional.linear(last, weight, bias)  # (B, 1, V)
+        scale = PROBE_LOGIT / plain.float().abs().amax().clamp_min(1e-6)
+        amplified = torch.nn.functional.linear(last * scale.to(last.dtype), weight, bias)
+        kept["want"] = torch.cat([plain, amplified], dim=1)  # (B, 2, V)
+        kept["scale"] = scale
+        return kept["want"]
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = head_inside_forward(model, input_ids.to(device), attention_mask.to(device), head_pass)
+    finally:
+        model.train(was_training)
+    want = kept["want"]
+    checks = [("its own hidden states", logits[:, 0], want[:, 0]),
+              (f"hidden states x {float(kept['scale']):.3g}", logits[:, 1], want[:, 1])]
+    compare_head_probes(base, label, checks, want.dtype)

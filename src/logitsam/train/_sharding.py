@@ -68,8 +68,9 @@ def nonfinite_parameters(model, accelerator) -> list[str]:
     others enter the collective save and wait forever.
     """
     named = list(model.named_parameters())
-    flags = torch.tensor([float(not torch.isfinite(_local_values(p).detach()).all()) for _, p in named],
-                         device=accelerator.device)
+    # one device flag per parameter, stacked: one host read for the whole model, not one per parameter
+    flags = torch.stack([~torch.isfinite(_local_values(p).detach()).all() for _, p in named]).float()
+    flags = flags.to(accelerator.device)
     if accelerator.num_processes > 1:
         flags = accelerator.reduce(flags, reduction="sum")
     return [n for (n, _), f in zip(named, flags.tolist(), strict=True) if f > 0]
@@ -79,7 +80,8 @@ def sync_reference(policy, reference, alpha: float) -> None:
     """TR-DPO's soft update ``ref <- (1 - alpha) ref + alpha policy``, parameter by parameter (paired by name).
 
     Unsharded and FSDP2 (both models sharded in the same layout: each rank mixes its own shard) run on every
-    rank; under DeepSpeed ZeRO-3 both are gathered and rank 0 writes, as TRL 1.16's ``SyncRefModelCallback``.
+    rank; under DeepSpeed ZeRO-3 each pair is gathered in turn (the whole of one tensor of each model at a time,
+    never both models at once) and rank 0 writes it, as TRL 1.16's ``SyncRefModelCallback`` does for all at once.
     """
     policy = unwrap_model(policy)
     ref_module = reference.module if type(reference).__name__ == "DeepSpeedEngine" else reference
@@ -89,20 +91,21 @@ def sync_reference(policy, reference, alpha: float) -> None:
         missing = sorted(set(ref) - {n for n, _ in policy.named_parameters()})[:3]
         raise ValueError(f"sync_ref_model: the reference has parameters the policy lacks: {missing}")
 
-    def mix():
+    def mix(target, source):
         with torch.no_grad():
-            for target, source in pairs:
-                target.data.mul_(1.0 - alpha).add_(source.data.to(target.dtype), alpha=alpha)
+            target.data.mul_(1.0 - alpha).add_(source.data.to(target.dtype), alpha=alpha)
 
     if any(hasattr(t, "ds_id") for t, _ in pairs):
         import deepspeed
 
-        params = [t for t, _ in pairs] + [s for _, s in pairs]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            if deepspeed.comm.get_rank() == 0:
-                mix()
+        rank0 = deepspeed.comm.get_rank() == 0
+        for target, source in pairs:  # collective gathers, in the same order on every rank
+            with deepspeed.zero.GatheredParameters([target, source], modifier_rank=0):
+                if rank0:
+                    mix(target, source)
     else:
-        mix()
+        for target, source in pairs:
+            mix(target, source)
 
 
 def check_reference_keys(reference, keys, path) -> None:

@@ -1,4 +1,5 @@
-"""The training recipe: config -> model, data -> PreferenceTrainer (places the model) -> reference -> checkpoint.
+"""The training recipe: config -> model, data -> PreferenceTrainer -> (at train begin, on the prepared models: the
+head check, the reference precompute) -> training -> checkpoint.
 
 The only code that reads ``TrainConfig``; everything it calls takes plain arguments.
 """
@@ -10,7 +11,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from .._atomic import commit_files, staging_dir, start_staging
 from .._atomic import write_json as atomic_write_json
@@ -18,16 +19,16 @@ from ..core.head_chunked import DEFAULT_CHUNK_SIZE
 from ..core.losses import requires_reference
 from ..data import PreferenceCollator, build_preference_dataset, train_eval_split
 from ..models import (
-    check_linear_head,
     lm_head_of,
     load_model,
     load_reference,
     load_tokenizer,
     quantization_config,
 )
+from ._inside import check_linear_head_inside
 from .checkpoints import remove_unfinished_writes, resolve_resume
-from .config import TRAINING_DEFAULTS, ConfigError, TrainConfig, save_config
-from .reference import RequireReference, add_reference_columns, cached_reference_logps, consumed_indices
+from .config import TRAINING_DEFAULTS, TrainConfig, save_config
+from .reference import ReferenceLookup, ReferencePrecompute, shared_identity, with_reference_rows
 from .trainer import CostCallback, MetricsJsonlCallback, PreferenceTrainer
 
 logger = logging.getLogger("logitsam.train")
@@ -51,31 +52,25 @@ def resolve_chunk_size(chunk_size: int | str | None, *, tokens: int, vocab_size:
 
 
 def ranks_in_sync(model) -> bool | None:
-    """Under torch.distributed: do all ranks hold the same weights? (None when not distributed.)
+    """Under torch.distributed: do all ranks hold the same replicated weights? None when not distributed, or when
+    no weight is replicated.
 
-    A cheap end-of-run check that gradient synchronisation really happened: a logits-SAM step that
-    bypassed the DDP wrapper would let the replicas drift apart. A sharded weight (an FSDP2 ``DTensor``, a
-    DeepSpeed ZeRO-3 partition) is summed as the full tensor every rank gathers, so replicated shards (HSDP)
-    are compared too; the gathers are collectives, issued in the same parameter order on every rank.
+    DDP keeps a full copy of every weight on each rank: a logits-SAM step that bypassed the wrapper would let the
+    copies drift apart, and each rank's checksum of its own copy is compared with the other ranks'. A sharded
+    weight (an FSDP2 ``DTensor``, a DeepSpeed ZeRO-3 partition) exists once, a different piece on each rank, so
+    there is no copy to compare: gathering the full tensor on every rank would agree by construction. Such weights
+    are left out (a fully sharded model gives None); sharded steps are checked against DDP in the tests instead.
     """
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     if not (dist.is_available() and dist.is_initialized()):
         return None
-
-    def full_sum(p):
-        if isinstance(p, DTensor):
-            return p.full_tensor().double().sum()
-        if hasattr(p, "ds_id"):  # ZeRO-3: an empty partition outside a forward
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p]):
-                return p.detach().double().sum()
-        return p.detach().double().sum()
-
+    replicated = [p for p in model.parameters() if not isinstance(p, DTensor) and not hasattr(p, "ds_id")]
+    if not replicated:
+        return None
     with torch.no_grad():
-        checksum = torch.stack([full_sum(p) for p in model.parameters()]).sum().reshape(1)
+        checksum = torch.stack([p.detach().double().sum() for p in replicated]).sum().reshape(1)
         gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, checksum)
     return all(torch.equal(g, gathered[0]) for g in gathered)
@@ -92,6 +87,11 @@ def build_training_args(cfg: TrainConfig) -> TrainingArguments:
     values = {**TRAINING_DEFAULTS, **cfg.training_args}
     values.pop("resume_from_checkpoint", None)
     values["remove_unused_columns"] = False  # our columns are not model.forward arguments
+    checkpointing = values.get("gradient_checkpointing") or values.get("activation_checkpointing")
+    if checkpointing and not any(values.get(f"{k}_checkpointing_kwargs") for k in ("gradient", "activation")):
+        # Trainer.train enables checkpointing again with these kwargs: non-reentrant, as load_model enabled it
+        # (reentrant checkpointing drops the gradients of frozen-input blocks, LoRA's, and breaks under FSDP2)
+        values["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     return TrainingArguments(**values)
 
 
@@ -115,30 +115,27 @@ def build_datasets(cfg: TrainConfig, tokenizer, seed: int):
     return dataset, None, reports
 
 
-def attach_reference_logps(trainer: PreferenceTrainer, source, *, use_adapter_off: bool, chunk_size,
-                           batch_size: int | None = None, ld_alpha: float | None = None) -> None:
-    """Precompute the reference log-probs of the rows the run reads and add them to the trainer's datasets.
+class CheckHeadsAtTrainBegin(TrainerCallback):
+    """The numeric head check (``check_linear_head_inside``) on the models as training runs them.
 
-    Train: the rows the Trainer's own sampler hands this process in the run's optimizer steps
-    (``consumed_indices``); eval: every row, split over the processes. Each process computes its
-    share on ``source``'s device, the shares are gathered, and rows nobody reads stay NaN
-    (``RequireReference`` stops a batch that reads one).
+    At train begin the Trainer has placed, wrapped and sharded the policy (an FSDP2 root that broadcast rank 0's
+    weights, a DeepSpeed engine over ZeRO-3 partitions) and prepared a separate reference likewise; the probes run
+    inside the wrapper's forward, on every rank, under the run's autocast.
     """
-    args = trainer.args
-    kw = dict(pad_token_id=trainer.processing_class.pad_token_id, chunk_size=chunk_size,
-              use_adapter_off=use_adapter_off, ld_alpha=ld_alpha)
-    rows = consumed_indices(trainer.get_train_dataloader(), max_steps=args.max_steps,
-                            num_train_epochs=args.num_train_epochs, grad_accum=args.gradient_accumulation_steps)
-    if rows is None:
-        logger.info("the train sampler's order cannot be replayed: reference log-probs for every train row")
-    # TRL's batch sizes: precompute_ref_batch_size, else the train / eval micro-batch
-    trainer.train_dataset = add_reference_columns(trainer.train_dataset, *cached_reference_logps(
-        source, trainer.train_dataset, rows, batch_size=batch_size or args.per_device_train_batch_size, **kw))
-    if trainer.eval_dataset is not None:
-        share = range(args.process_index, len(trainer.eval_dataset), args.world_size)
-        trainer.eval_dataset = add_reference_columns(trainer.eval_dataset, *cached_reference_logps(
-            source, trainer.eval_dataset, share, desc="reference log-probs (eval)",
-            batch_size=batch_size or args.per_device_eval_batch_size, **kw))
+
+    def __init__(self, trainer, batch, *, policy_name, ref_name=None):
+        self.trainer, self.batch, self.policy_name, self.ref_name = trainer, batch, policy_name, ref_name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer, ids, mask = self.trainer, self.batch["input_ids"], self.batch["attention_mask"]
+        # the module whose forward gathers a sharded head: the DeepSpeed engine, else trainer.model (an FSDP2 root
+        # is the model itself; under DDP or torch.compile it is the bare module: no extra compiled graph)
+        policy = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
+        with trainer.accelerator.autocast():
+            check_linear_head_inside(policy, ids, mask, name=self.policy_name, device=args.device)
+            ref = trainer.ref_model if trainer.ref_model is not None else trainer.precompute_ref
+            if self.ref_name is not None and ref is not None:
+                check_linear_head_inside(ref, ids, mask, name=self.ref_name, device=args.device)
 
 
 def save_final_model(trainer: PreferenceTrainer, tokenizer, out_dir: Path) -> None:
@@ -227,43 +224,44 @@ def run_training(cfg: TrainConfig) -> dict:
     precompute = needs_ref and cfg.precompute_ref_log_probs
     ref_adapter_off = needs_ref and cfg.use_peft and not cfg.ref_model_name_or_path
     collator = PreferenceCollator(tokenizer.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of)
-    # logitsam's log-probs are hidden @ W^T: refuse a soft-capped or scaled head on a few real rows, once
+    # logitsam's log-probs are hidden @ W^T: the head check runs on a few real rows, once, at train begin
     first = collator([train_ds[i] for i in range(min(2, len(train_ds)))])
     head_weight = lm_head_of(model).weight
     zero3 = hasattr(head_weight, "ds_tensor")  # weights partitioned at load: no forward outside the engine
+    fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
     ref_model = None
     if needs_ref and not ref_adapter_off:
-        # on the device the Trainer trains on, whether it is used for the precompute or at every step. Under
-        # ZeRO-3 loaded from the policy's path (a deep copy would copy empty partitions), as TRL does
-        ref_path = cfg.ref_model_name_or_path or (cfg.model_name_or_path if zero3 else None)
-        ref_model = load_reference(model, ref_path, trust_remote_code=cfg.trust_remote_code, device=args.device)
-        if cfg.ref_model_name_or_path and not zero3:  # while unsharded: PreferenceTrainer shards it under FSDP2
-            check_linear_head(ref_model, first["input_ids"], first["attention_mask"], name=cfg.ref_model_name_or_path)
+        # sharded runs load the reference from its path (the policy's when none is set; a deep copy would copy
+        # empty partitions, or weights that FSDP's CPU-RAM-efficient loading leaves to rank 0) and the Trainer
+        # shards it as the policy (FSDP2 from the CPU, broadcasting rank 0's weights; a DeepSpeed engine).
+        # Unsharded: on the device the Trainer trains on
+        ref_path = cfg.ref_model_name_or_path or (cfg.model_name_or_path if zero3 or fsdp else None)
+        ref_model = load_reference(model, ref_path, trust_remote_code=cfg.trust_remote_code,
+                                   device="cpu" if fsdp else args.device)
     chunk_size = head_chunking(cfg, args, head_weight)
+    data_collator, identity = collator, None
+    if precompute:
+        # the cache key from rank 0's weights, before sharding
+        identity = shared_identity(model if ref_adapter_off else ref_model)
+        train_ds, eval_ds = with_reference_rows(train_ds, eval_ds)
+        data_collator = ReferenceLookup(collator)
 
     trainer = PreferenceTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=RequireReference(collator) if precompute else collator, processing_class=tokenizer,
+        data_collator=data_collator, processing_class=tokenizer,
         chunk_size=chunk_size, ref_model=None if precompute else ref_model,
+        precompute_ref_model=ref_model if precompute else None,
         ref_adapter_off=ref_adapter_off and not precompute,
         callbacks=[MetricsJsonlCallback(out_dir), cost := CostCallback()],
         **trainer_options(cfg),
     )
-    if zero3:
-        logger.warning("DeepSpeed ZeRO-3: the numeric head check and the reference precompute need a forward "
-                       "outside the engine and are not supported yet; use a reference-free loss or "
-                       "precompute_ref_log_probs: false")
-        if precompute:
-            raise ConfigError("config key 'precompute_ref_log_probs' = true is not supported under DeepSpeed ZeRO-3 "
-                              "yet (the pass would run outside the engine on empty partitions); set it to false")
-    else:
-        check_linear_head(trainer.model, first["input_ids"], first["attention_mask"], name=cfg.model_name_or_path)
+    del ref_model  # the trainer holds it (prepared), or the precompute drops it once its values are in
+    trainer.add_callback(CheckHeadsAtTrainBegin(trainer, first, policy_name=cfg.model_name_or_path,
+                                                ref_name=cfg.ref_model_name_or_path))
     if precompute:
-        # after Trainer placed the policy: the pass runs where training will
-        attach_reference_logps(trainer, trainer.model if ref_adapter_off else ref_model,
-                               use_adapter_off=ref_adapter_off, chunk_size=chunk_size,
-                               batch_size=cfg.precompute_ref_batch_size, ld_alpha=cfg.ld_alpha)
-        del ref_model  # the values ride in the datasets; free the model
+        trainer.add_callback(ReferencePrecompute(trainer, data_collator, source="policy" if ref_adapter_off
+                                                 else "reference", identity=identity, chunk_size=chunk_size,
+                                                 batch_size=cfg.precompute_ref_batch_size, ld_alpha=cfg.ld_alpha))
     result = trainer.train(resume_from_checkpoint=resume)
     return finish_run(trainer, tokenizer, model, out_dir, eval_ds, result, cost, reports, cfg, args)
 

@@ -191,6 +191,8 @@ def ratio_out_of_band(flushed: dict[str, list[float]], ratio_is_measurable, band
                       ) -> tuple[float, str] | None:
     """The first logged ``sam/first_order_ratio`` outside ``band`` that is measurable, with why: ``(r, "low")`` (eps is
     below the working precision: logits-SAM acts as plain DPO) or ``(r, "high")`` (rho is far too large); else None."""
+    if "sam/first_order_ratio" not in flushed:  # plain steps, or full SAM (no first-order prediction)
+        return None
     triples = zip(flushed.get("sam/first_order_ratio", []), flushed.get("sam/loss_pre", []),
                   flushed.get("sam/first_order", []), strict=True)
     for r, loss_pre, first_order in triples:

@@ -104,9 +104,16 @@ class PreferenceTrainer(Trainer):
                  sam_norm="local", sam_variant="plain", chunk_size=None, vocab_chunk_size=8192,
                  ref_model=None, ref_adapter_off=False, ref_is_initial_policy=True, on_nonfinite="stop",
                  ld_alpha=None, use_weighting=False, disable_dropout=True, router_aux_loss_coef=None,
-                 sync_ref_model=False, ref_model_mixup_alpha=0.6, ref_model_sync_steps=512, **kwargs):
+                 sync_ref_model=False, ref_model_mixup_alpha=0.6, ref_model_sync_steps=512, precompute_ref_model=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self._check_sharding(sam)
+        if on_nonfinite == "skip" and self.is_deepspeed_enabled:
+            raise ConfigError(
+                "config key 'on_nonfinite' = 'skip' cannot run with DeepSpeed: accelerate runs the engine's optimizer "
+                "step inside backward at each accumulation boundary, before a skip could be decided, and the "
+                "partitioned gradients are the engine's, so the poisoned update would be applied. Use on_nonfinite: "
+                "stop (the default: stops without checkpointing the poisoned state), or skip with DDP or FSDP2")
         self.loss_type, self.beta, self.loss_params = loss_type, beta, dict(loss_params or {})
         self.ld_alpha, self.use_weighting = ld_alpha, use_weighting
         if disable_dropout:  # TRL 1.16's default: deterministic log-probs in the clean and perturbed passes alike
@@ -123,6 +130,9 @@ class PreferenceTrainer(Trainer):
                              ld_alpha=ld_alpha, use_weighting=use_weighting,
                              aux_coef=self.router_aux_loss_coef, **self.chunks)
         self.ref_model = None if ref_model is None else self._prepare_reference(ref_model)
+        # a reference used only by the precompute at train begin (``reference.ReferencePrecompute``), prepared and
+        # sharded as the live one would be, and dropped once its values are in the lookup table
+        self.precompute_ref = None if precompute_ref_model is None else self._prepare_reference(precompute_ref_model)
         self.ref_adapter_off, self.on_nonfinite = ref_adapter_off, on_nonfinite
         self.ref_is_initial_policy = ref_is_initial_policy
         self.needs_reference = requires_reference(loss_type)
@@ -224,7 +234,7 @@ class PreferenceTrainer(Trainer):
             out = sequence_logps(hidden, head, labels, with_stats=False, index=index, **self.chunks)
             return self.step.logps(out, labels)  # (2B,)
 
-        with ctx:
+        with ctx, self.accelerator.autocast():  # the policy's autocast (a sharded reference has none of its own)
             logps = head_inside_forward(model, inputs["input_ids"], inputs["attention_mask"], head_pass).detach()
         n = logps.shape[0] // 2
         return logps[:n], logps[n:]
@@ -334,9 +344,11 @@ class PreferenceTrainer(Trainer):
             self._record = True
             self.full_sam.second_step()
         scale = self.current_gradient_accumulation_steps
-        self._metrics["train"]["sam/loss_pre"].append(float(loss_pre) * scale)
-        self._metrics["train"]["sam/loss_post"].append(float(loss) * scale)
-        self._metrics["train"]["sam/grad_norm"].append(grad_norm)
+        # means over ranks at the logging step, as every other metric (each rank perturbs with its own gradient);
+        # Trainer divided the loss by the accumulation steps before backward: the norm is the micro-batch loss's
+        self._deferred.add("train", means={"sam/loss_pre": loss_pre.detach() * scale,
+                                           "sam/loss_post": loss.detach() * scale,
+                                           "sam/grad_norm": torch.tensor(grad_norm * scale, device=loss.device)})
         return loss
 
     # ---- metrics -----------------------------------------------------------------------------
