@@ -56,6 +56,13 @@ def _judge_spec(text: str) -> str:
     return text
 
 
+def _model_id(text: str) -> str:
+    """``--export_generator``: a name the answer files can be called by (no path separators)."""
+    if not text.strip() or any(c in text for c in "/\\") or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file name (it names the answer file)")
+    return text
+
+
 def _device(text: str) -> str:
     import torch
 
@@ -351,12 +358,26 @@ def _data_kwargs(args) -> dict:
     return {flag[2:]: getattr(args, flag[2:]) for flag, _ in DATA_ARGS}
 
 
+def _export_questions(args) -> list | None:
+    """The questions `eval --export` answers (read and checked before any model loads); None: the dataset's."""
+    from .eval.export import read_questions
+    from .train.config import ConfigError
+
+    for flag in ("export_questions", "export_generator"):
+        if getattr(args, flag) is not None and args.export is None:
+            raise ConfigError(f"--{flag} {getattr(args, flag)} needs --export alpaca_eval|mt_bench|arena_hard")
+    if args.export in ("mt_bench", "arena_hard") and args.export_questions is None:
+        raise ConfigError(f"--export {args.export} needs --export_questions PATH (its question.jsonl)")
+    return read_questions(args.export, args.export_questions) if args.export_questions else None
+
+
 def cmd_eval(args, extra):
     from .data import check_source
     from .eval.run import evaluate, load_prompts
 
     device = _placement(args)
     prompts = load_prompts(args.prompts_file) if args.prompts_file else None
+    questions = _export_questions(args)
     check_source(args.dataset_name)
     kw = _data_kwargs(args)
     result = evaluate(args.model, ref_model_name_or_path=args.ref_model, dataset_name=args.dataset_name,
@@ -366,9 +387,12 @@ def cmd_eval(args, extra):
                       hessian_probes=args.hessian_probes, hessian_batches=args.hessian_batches,
                       hessian_head_only=args.hessian_head_only, output_dir=args.output_dir,
                       device=device, dtype=args.dtype, chunk_size=args.sam_chunk_size,
-                      vocab_chunk_size=args.sam_vocab_chunk_size, **kw)
+                      vocab_chunk_size=args.sam_vocab_chunk_size, export=args.export, export_questions=questions,
+                      export_model_id=args.export_generator, **kw)
     print(json.dumps(result, indent=2, default=str))
     print(f"results written to {Path(args.output_dir) / 'eval_results.json'}")
+    if args.export:
+        print(f"{args.export} answers written to {result['export']['file']}")
 
 
 def cmd_ches(args, extra):
@@ -546,6 +570,15 @@ def _add_eval(add_parser, common) -> None:
                    help="Hutchinson probes (0: skip the Hessian trace)")
     p.add_argument("--hessian_batches", type=_int_at_least(1), default=1)
     p.add_argument("--hessian_head_only", action="store_true", help="trace over the LM head's parameters only")
+    p.add_argument("--export", choices=("alpaca_eval", "mt_bench", "arena_hard"),
+                   help="also write the model's answers for that benchmark's official tool to OUTPUT_DIR/export/ "
+                        "(sampled with --max_new_tokens, --temperature, --top_p, --gen_batch_size, --seed)")
+    p.add_argument("--export_questions", metavar="PATH",
+                   help="the benchmark's questions: AlpacaEval's eval set (JSON list or JSONL with 'instruction'; "
+                        "default: the dataset's single-turn prompts), MT-Bench's or Arena-Hard's question.jsonl")
+    p.add_argument("--export_generator", type=_model_id, metavar="NAME",
+                   help="the model's name in the answers (AlpacaEval generator, model_id, file name; "
+                        "default: the --model path's last part)")
     p.add_argument("--output_dir", default="runs/eval")
     p.set_defaults(func=cmd_eval)
 

@@ -1,10 +1,11 @@
-"""Seeded batched sampling with the tiny model and tokenizer."""
+"""Seeded batched sampling with the tiny model and tokenizer: left padding and the KV cache change no token."""
 
 import pytest
 import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
 from logitsam.eval import generate_responses, render_prompt
+from logitsam.eval.generate import generate_token_ids, generation_settings, stop_token_ids
 
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],
@@ -52,6 +53,86 @@ def test_greedy_batched_equals_one_at_a_time(model_and_tokenizer):
     assert batched[0] == tok.decode(ids[0, start:], skip_special_tokens=True)
 
 
+def _greedy_without_cache(model, tok, prompt, max_new_tokens):
+    """The definition: one prompt alone, the whole sequence re-run every step (no padding, no KV cache)."""
+    text, special = render_prompt(tok, prompt)
+    ids = torch.tensor([tok(text, add_special_tokens=special)["input_ids"]])
+    stops, new = set(stop_token_ids(model, tok)), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+            new.append(token)
+            if token in stops:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    return new
+
+
+def test_batched_left_padded_cached_greedy_gives_the_definitions_tokens(model_and_tokenizer):
+    """Prompts of 3 lengths in one left-padded batch, decoded with the KV cache, give token for token what each
+    prompt gives alone without cache, rows that stop early included; batch sizes 1, 2 and 3 agree."""
+    model, tok = model_and_tokenizer
+    lengths = [len(tok(render_prompt(tok, p)[0])["input_ids"]) for p in PROMPTS]
+    assert len(set(lengths)) == 3  # precondition: every batch of 2 or 3 is padded
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = None
+        # the random model never emits its EOS; stop at a token row 0 first emits 4th or later, and row 1 never
+        free = [_greedy_without_cache(model, tok, p, 12) for p in PROMPTS[:2]]
+        model.generation_config.eos_token_id = next(t for t in free[0][3:] if t not in free[0][:3] + free[1])
+        expected = [_greedy_without_cache(model, tok, p, 12) for p in PROMPTS]
+        assert 4 <= len(expected[0]) < len(expected[1]) == 12  # precondition: row 0 ends first, padded after
+        for batch_size in (3, 2, 1):
+            got = generate_token_ids(model, tok, PROMPTS, max_new_tokens=12, temperature=0, batch_size=batch_size,
+                                     progress=False)
+            assert got == expected, batch_size
+    finally:
+        model.generation_config.eos_token_id = saved
+
+
+def test_decoding_feeds_one_token_per_step_after_the_prompt(model_and_tokenizer):
+    """use_cache=True reaches the model although its config says use_cache=False: after the prompt forward
+    (the padded batch width), every step embeds one new token."""
+    model, tok = model_and_tokenizer
+    assert model.config.use_cache is False  # precondition: the fixture's config turns the cache off
+    widths = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: widths.append(args[0].shape))
+    try:
+        generate_token_ids(model, tok, PROMPTS[:2], max_new_tokens=5, temperature=0, batch_size=2, progress=False,
+                           apply_chat_template=True)
+    finally:
+        hook.remove()
+    prompt_width = max(len(tok(render_prompt(tok, p, True)[0], add_special_tokens=False)["input_ids"])
+                       for p in PROMPTS[:2])
+    assert widths[0] == (2, prompt_width) and all(w == (2, 1) for w in widths[1:]) and len(widths) > 1
+
+
+def test_generation_settings_are_the_ones_sampled_with():
+    settings = generation_settings(max_new_tokens=7, temperature=0.7, top_p=0.9, batch_size=4, seed=3)
+    assert settings == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 7,
+                        "seed": 3, "batch_size": 4, "padding_side": "left", "use_cache": True}
+    assert generation_settings(temperature=0)["do_sample"] is False
+    with pytest.raises(ValueError, match="top_p=1.5"):
+        generation_settings(top_p=1.5)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        generation_settings(batch_size=0)
+
+
+def test_judged_win_rates_record_their_generation_settings(model_and_tokenizer, monkeypatch):
+    from logitsam.eval import run as eval_run
+
+    model, tok = model_and_tokenizer
+    sampled = []
+    monkeypatch.setattr(eval_run, "generate_responses", lambda m, t, p, **kw: sampled.append(kw) or ["x"] * len(p))
+    monkeypatch.setattr(eval_run, "make_judge", lambda spec, **kw: type("J", (), {
+        "name": "len", "score": staticmethod(lambda prompts, responses: [1.0] * len(responses))})())
+    results, _ = eval_run.judged_win_rates(model, model, tok, ["a", "b"], ["len"], max_new_tokens=5, temperature=0.5,
+                                           top_p=0.8, batch_size=2, seed=9)
+    assert sampled[0] == sampled[1] == {"max_new_tokens": 5, "temperature": 0.5, "top_p": 0.8, "batch_size": 2,
+                                        "seed": 9}
+    assert results["generation"] == generation_settings(**sampled[0])
+
+
 def test_render_prompt_rules(model_and_tokenizer):
     _, tok = model_and_tokenizer
     text, special = render_prompt(tok, [{"role": "user", "content": "Hi"}])
@@ -64,8 +145,6 @@ def test_render_prompt_rules(model_and_tokenizer):
 
 def test_a_generation_configs_list_of_eos_ids_is_kept(model_and_tokenizer):
     """Llama 3 style: generation_config.eos_token_id is a list; any of its ids ends the response."""
-    from logitsam.eval.generate import stop_token_ids
-
     model, tok = model_and_tokenizer
     greedy = {"max_new_tokens": 8, "temperature": 0.0, "progress": False}
     saved = model.generation_config.eos_token_id

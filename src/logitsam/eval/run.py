@@ -3,9 +3,13 @@
 Three groups of numbers, written flat to ``eval_results.json``:
 - ``eval/*``: implicit-reward preference accuracy, margin and loss on held-out pairs;
 - ``shift/*``: held-out log-prob shifts vs the reference (the squeeze diagnostics, unperturbed head);
-- ``winrate/<judge>/*``: judged generations of policy vs reference with a confidence interval;
+- ``winrate/<judge>/*``: judged generations of policy vs reference with a confidence interval, their sampling
+  settings under ``generation``;
 - ``flatness/*``: Hutchinson estimate of the parameter-Hessian trace of the preference loss, and the
   closed-form logit-Hessian trace.
+
+With ``export``, the policy also answers a benchmark's questions in the official tool's format
+(``logitsam.eval.export``); ``export`` records the file, the sampling settings and samples per second.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from ..core.losses import preference_loss
 from ..data import DataError, PreferenceCollator, build_preference_dataset, load_preference_examples
 from ..diagnostics import hutchinson_trace, squeeze_metrics
 from ..models import check_linear_head, forward_hidden, lm_head_of, load_model, load_tokenizer
-from .generate import generate_responses
+from .export import check_chat_template, default_model_id, export_answers, questions_from_prompts
+from .generate import generate_responses, generation_settings
 from .judges import make_judge
 from .stats import win_rate
 
@@ -177,6 +182,7 @@ def judged_win_rates(policy, reference, tokenizer, prompts, judges, *, max_new_t
     ref_out = generate_responses(reference, tokenizer, prompts, **gen)
     results, samples = {}, [{"prompt": p, "policy": a, "reference": b} for p, a, b in zip(prompts, policy_out, ref_out,
                                                                                           strict=True)]
+    results["generation"] = generation_settings(**gen)  # a dict: reports read the numbers only
     for spec in judges:
         judge = make_judge(spec, **({"device": judge_device} if spec.startswith("reward:") else {}))
         a, b = judge.score(prompts, policy_out), judge.score(prompts, ref_out)
@@ -239,7 +245,9 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
              judges=("vader",), prompts: list | None = None, num_prompts: int = 64,
              max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0, gen_batch_size: int = 16,
              seed: int = 0, hessian_probes: int = 0, hessian_batches: int = 1, hessian_head_only: bool = False,
-             output_dir: str | Path | None = None, dtype: str = "float32", device: str | None = None) -> dict:
+             output_dir: str | Path | None = None, dtype: str = "float32", device: str | None = None,
+             export: str | None = None, export_questions: list[dict] | None = None,
+             export_model_id: str | None = None) -> dict:
     """Evaluate ``model_name_or_path`` against a reference on ``device`` (default: ``default_device()``).
 
     Both models are loaded in ``dtype`` (float32, bfloat16, float16 or auto, the checkpoint's own). Their
@@ -249,12 +257,23 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
     The reference is ``ref_model_name_or_path`` when given, else the one the run trained against
     (``run_reference_of``). Both models must compute logits as hidden @ W^T (``check_linear_head``, on the
     first pairs).
+
+    ``export`` (alpaca_eval, mt_bench or arena_hard) writes the policy's answers to ``export_questions``
+    (``export.read_questions``; for alpaca_eval the dataset's single-turn prompts when None) under
+    ``output_dir/export/``, filed as ``export_model_id`` (default: the model path's last part), sampled with
+    the generation settings above.
     """
+    if export is not None and output_dir is None:
+        raise ValueError(f"export={export!r} needs an output_dir")
+    if export is not None and export != "alpaca_eval" and export_questions is None:
+        raise ValueError(f"export={export!r} needs export_questions (its question.jsonl)")
     ref_name, ref_from = ref_model_name_or_path, "ref_model_name_or_path"
     if ref_name is None:
         ref_name, ref_from = run_reference_of(model_name_or_path)
     device = device or default_device()
     tokenizer = load_tokenizer(model_name_or_path)
+    if export is not None:
+        check_chat_template(tokenizer, export)  # before the models load and the metrics run
     policy, reference = _load_pair(model_name_or_path, ref_name, dtype, device)
     if reference is not None:
         logger.info("reference: %s (from %s)", ref_name, ref_from)
@@ -293,14 +312,20 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
         logger.info("judged win rate skipped: %s", skip)
     else:
         if prompts is None:
-            examples, _ = load_preference_examples(dataset_name, split=split, data_format=data_format,
-                                                   on_invalid="drop", max_samples=max_samples)
-            prompts = [e["prompt"] for e in examples]
+            prompts = _dataset_prompts(dataset_name, split=split, data_format=data_format, max_samples=max_samples)
         prompts = prompts[:num_prompts]
         wins, samples = judged_win_rates(policy, reference, tokenizer, prompts, judges, max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_p=top_p, batch_size=gen_batch_size, seed=seed,
                                          judge_device=device)
         results.update(wins)
+    if export is not None:
+        if export_questions is None:
+            export_questions = questions_from_prompts(
+                _dataset_prompts(dataset_name, split=split, data_format=data_format, max_samples=max_samples))
+        results["export"] = export_answers(
+            policy, tokenizer, export, export_questions, output_dir=Path(output_dir) / "export",
+            model_id=export_model_id or default_model_id(model_name_or_path), max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, batch_size=gen_batch_size, seed=seed)
     if hessian_probes > 0:
         mean, stderr = hessian_trace_of_loss(policy, dataset, pad_token_id=pad, ref=ref, loss_type=loss_type,
                                              beta=beta, loss_params=loss_params, batch_size=batch_size,
@@ -310,6 +335,12 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
     if output_dir is not None:
         _write_results(Path(output_dir), results, samples)
     return results
+
+
+def _dataset_prompts(dataset_name, **kwargs) -> list:
+    """The ``prompt`` of every valid pair of the eval data (invalid rows dropped, as for the metrics)."""
+    examples, _ = load_preference_examples(dataset_name, on_invalid="drop", **kwargs)
+    return [e["prompt"] for e in examples]
 
 
 def _load_pair(model_name_or_path, ref_name, dtype, device):
