@@ -27,6 +27,18 @@ def needs(available: bool, what: str):
     return pytest.mark.skipif(not available and not os.environ.get("CI"), reason=f"{what} not available")
 
 
+def cli_error_line(argv, capsys) -> str:
+    """Run ``logitsam ARGV``, expect a user error (exit 2, no traceback) and return its one last stderr line."""
+    from logitsam.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
 def make_tiny_tokenizer():
     """A character-level fast tokenizer with special tokens and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -13,7 +13,7 @@ import datasets
 import pytest
 import torch
 import transformers
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import cli_error_line, make_tiny_llama, make_tiny_tokenizer
 
 from logitsam.cli import check_before_loading, main, parse_overrides
 from logitsam.train import build_config
@@ -46,12 +46,7 @@ def fails(argv, capsys) -> str:
     """Run the CLI, expect a user error, and return its one stderr line."""
     if isinstance(argv, dict):
         argv = _train_argv(argv)
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
+    return cli_error_line(argv, capsys)
 
 
 @pytest.fixture

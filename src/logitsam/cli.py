@@ -56,6 +56,23 @@ def _judge_spec(text: str) -> str:
     return text
 
 
+def _eval_judge_spec(text: str) -> str:
+    """``eval --judge``: ``train``'s judges, or ``llm:MODEL``, a chat model asked which response is better."""
+    if text.startswith("llm:") and text[len("llm:"):].strip():
+        return text
+    if text != "vader" and not (text.startswith("reward:") and len(text) > len("reward:")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'vader' or 'reward:MODEL' (a reward model) or "
+                                         "'llm:MODEL' (a chat model as judge)")
+    return text
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)  # a ValueError here becomes argparse's "invalid value" message
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not > 0")
+    return value
+
+
 def _model_id(text: str) -> str:
     """``--export_generator``: a name the answer files can be called by (no path separators)."""
     if not text.strip() or any(c in text for c in "/\\") or text in (".", ".."):
@@ -371,28 +388,95 @@ def _export_questions(args) -> list | None:
     return read_questions(args.export, args.export_questions) if args.export_questions else None
 
 
+# `eval`'s LLM-judge flags; each is None unless given, so the judge's own defaults (LLMJudgeConfig) apply
+JUDGE_FLAGS = ("judge_template", "judge_against", "judge_base_url", "judge_api_key", "judge_orders",
+               "judge_concurrency", "judge_timeout", "judge_max_retries", "judge_max_tokens", "judge_cache")
+
+
+def _llm_judge_settings(args) -> dict | None:
+    """The --judge_* flags as ``LLMJudgeConfig`` fields (None without an ``llm:MODEL`` judge), checked before any
+    model loads: the openai package, the template, an API key or a server, the opponent."""
+    from .eval.llm_judge import load_template
+    from .train.config import ConfigError
+
+    llm = [spec for spec in args.judge if spec.startswith("llm:")]
+    if not llm:
+        given = [f"--{flag}" + ("" if flag == "judge_api_key" else f" {getattr(args, flag)}")  # no key on screen
+                 for flag in JUDGE_FLAGS if getattr(args, flag) is not None]
+        if given or args.no_judge_cache:
+            raise ConfigError(f"{(given or ['--no_judge_cache'])[0]} needs an LLM judge: add --judge llm:MODEL")
+        return None
+    try:
+        import openai  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"--judge {llm[0]} needs the OpenAI client: pip install 'logitsam[judge]'") from err
+    try:
+        load_template(args.judge_template or "dpo_dialogue")
+    except ValueError as err:  # an unknown name, a missing file, or a malformed header: named in the message
+        raise ConfigError(f"--judge_template {args.judge_template}: {err}") from err
+    if not (args.judge_api_key or os.environ.get("OPENAI_API_KEY") or args.judge_base_url
+            or os.environ.get("OPENAI_BASE_URL")):
+        raise ConfigError(f"--judge {llm[0]} needs an API key: set OPENAI_API_KEY (or --judge_api_key), or point "
+                          "--judge_base_url at a local OpenAI-compatible server")
+    against = args.judge_against
+    if against not in (None, "reference", "chosen") and not Path(against).expanduser().is_file():
+        what = "a directory (name its eval_samples.jsonl)" if Path(against).expanduser().is_dir() else "no such file"
+        raise ConfigError(f"--judge_against {against}: not reference, chosen or a samples file ({what})")
+    if against == "chosen" and args.prompts_file:
+        raise ConfigError(f"--judge_against chosen compares with the dataset's chosen responses, but --prompts_file "
+                          f"{args.prompts_file} holds prompts only; drop --prompts_file to judge the dataset's prompts")
+    if args.judge_cache is not None and args.no_judge_cache:
+        raise ConfigError(f"--judge_cache {args.judge_cache} and --no_judge_cache conflict; keep one")
+    settings = {"template": args.judge_template, "base_url": args.judge_base_url, "api_key": args.judge_api_key,
+                "both_orders": None if args.judge_orders is None else args.judge_orders == "both", "seed": args.seed,
+                "concurrency": args.judge_concurrency, "timeout": args.judge_timeout,
+                "max_retries": args.judge_max_retries, "max_tokens": args.judge_max_tokens,
+                "cache_dir": args.judge_cache, "use_cache": False if args.no_judge_cache else None}
+    return {key: value for key, value in settings.items() if value is not None}
+
+
+def _judge_request_failed(err: Exception) -> bool:
+    """Whether ``err`` is the LLM judge's report of a request the server refused or never answered (a bad key,
+    an unknown model, no server), as opposed to a bug."""
+    openai = sys.modules.get("openai")
+    return isinstance(err, RuntimeError) and openai is not None and isinstance(err.__cause__, openai.APIError)
+
+
 def cmd_eval(args, extra):
     from .data import check_source
     from .eval.run import evaluate, load_prompts
+    from .train.config import ConfigError
 
     device = _placement(args)
     prompts = load_prompts(args.prompts_file) if args.prompts_file else None
     questions = _export_questions(args)
+    llm_judge = _llm_judge_settings(args)
     check_source(args.dataset_name)
     kw = _data_kwargs(args)
-    result = evaluate(args.model, ref_model_name_or_path=args.ref_model, dataset_name=args.dataset_name,
-                      loss_type=args.loss_type, beta=args.beta, judges=tuple(args.judge), prompts=prompts,
-                      num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, gen_batch_size=args.gen_batch_size, seed=args.seed,
-                      hessian_probes=args.hessian_probes, hessian_batches=args.hessian_batches,
-                      hessian_head_only=args.hessian_head_only, output_dir=args.output_dir,
-                      device=device, dtype=args.dtype, chunk_size=args.sam_chunk_size,
-                      vocab_chunk_size=args.sam_vocab_chunk_size, export=args.export, export_questions=questions,
-                      export_model_id=args.export_generator, **kw)
+    try:
+        result = evaluate(args.model, ref_model_name_or_path=args.ref_model, dataset_name=args.dataset_name,
+                          loss_type=args.loss_type, beta=args.beta, judges=tuple(args.judge), prompts=prompts,
+                          num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, gen_batch_size=args.gen_batch_size,
+                          seed=args.seed, hessian_probes=args.hessian_probes, hessian_batches=args.hessian_batches,
+                          hessian_head_only=args.hessian_head_only, output_dir=args.output_dir,
+                          device=device, dtype=args.dtype, chunk_size=args.sam_chunk_size,
+                          vocab_chunk_size=args.sam_vocab_chunk_size, export=args.export, export_questions=questions,
+                          export_model_id=args.export_generator, llm_judge=llm_judge,
+                          judge_against=args.judge_against or "reference", **kw)
+    except RuntimeError as err:
+        if not _judge_request_failed(err):
+            raise
+        raise ConfigError(f"--judge: {err}") from err
     print(json.dumps(result, indent=2, default=str))
     print(f"results written to {Path(args.output_dir) / 'eval_results.json'}")
     if args.export:
         print(f"{args.export} answers written to {result['export']['file']}")
+    for spec in (s for s in args.judge if f"winrate/{s}/requests" in result):
+        usage = {k: result[f"winrate/{spec}/{k}"] for k in ("requests", "cached", "prompt_tokens", "completion_tokens")}
+        print(f"judge {spec}: {usage['requests']} requests sent ({usage['cached']} answered from the cache), "
+              f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens; every request in "
+              f"{Path(args.output_dir) / 'judgments.jsonl'}")
 
 
 def cmd_ches(args, extra):
@@ -548,7 +632,9 @@ def _add_eval(add_parser, common) -> None:
                    epilog="Examples: logitsam eval --model runs/dpo --dataset_name pairs.jsonl --split train "
                           "--judge vader --num_prompts 64 --output_dir runs/dpo/eval; at 7B on a GPU: "
                           "logitsam eval --model runs/7b --dataset_name pairs.jsonl --dtype bfloat16 "
-                          "--sam_chunk_size auto --output_dir runs/7b/eval")
+                          "--sam_chunk_size auto --output_dir runs/7b/eval; the DPO paper's win rate vs chosen: "
+                          "logitsam eval --model runs/dpo --dataset_name pairs.jsonl --judge llm:gpt-4o-mini "
+                          "--judge_against chosen --max_new_tokens 256 --output_dir runs/dpo/eval")
     p.add_argument("--model", required=True, help="checkpoint dir, hub id or embedded name")
     p.add_argument("--ref_model", "--ref_model_name_or_path", dest="ref_model",
                    help="reference (default: the run's ref_model_name_or_path, else the model it started from)")
@@ -556,8 +642,10 @@ def _add_eval(add_parser, common) -> None:
     _add_data_args(p)
     p.add_argument("--loss_type", default="sigmoid")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--judge", action="append", default=None, type=_judge_spec,
-                   help="'vader' or 'reward:MODEL' (repeatable; default vader)")
+    p.add_argument("--judge", action="append", default=None, type=_eval_judge_spec,
+                   help="'vader', 'reward:MODEL' or 'llm:MODEL', a chat model over an OpenAI-compatible server "
+                        "(repeatable; default vader)")
+    _add_llm_judge_args(p)
     p.add_argument("--prompts_file", type=_existing_path,
                    help="JSONL with a 'prompt' field for judged generation (default: the pairs')")
     p.add_argument("--num_prompts", type=_int_at_least(0), default=64, help="judged prompts (0: skip the win rate)")
@@ -582,6 +670,35 @@ def _add_eval(add_parser, common) -> None:
     p.add_argument("--output_dir", default="runs/eval")
     p.set_defaults(func=cmd_eval)
 
+
+
+def _add_llm_judge_args(p) -> None:
+    """The settings of `eval`'s ``llm:MODEL`` judges (``logitsam.eval.llm_judge.LLMJudgeConfig``)."""
+    g = p.add_argument_group("LLM judge (--judge llm:MODEL)")
+    g.add_argument("--judge_template", metavar="NAME|PATH",
+                   help="dpo_dialogue (default), dpo_summary, mt_bench_pair, arena_hard, alpaca_eval, or a "
+                        "template file")
+    g.add_argument("--judge_against", metavar="reference|chosen|PATH",
+                   help="the opponent: the reference's samples (default; 'vs SFT'), the dataset's chosen response "
+                        "('vs chosen'), or a previous eval's eval_samples.jsonl / judgments.jsonl (its policy)")
+    g.add_argument("--judge_base_url", metavar="URL",
+                   help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (default $OPENAI_BASE_URL, else "
+                        "OpenAI's)")
+    g.add_argument("--judge_api_key", metavar="KEY",
+                   help="default $OPENAI_API_KEY (prefer it: a key here shows in the process list); never written "
+                        "to any output")
+    g.add_argument("--judge_orders", choices=("both", "random"),
+                   help="ask each pair in both orders (default; a disagreement is a tie) or in one order drawn from "
+                        "--seed")
+    g.add_argument("--judge_concurrency", type=_int_at_least(1), metavar="N", help="requests in flight (default 8)")
+    g.add_argument("--judge_timeout", type=_positive_float, metavar="SECONDS", help="per request (default 120)")
+    g.add_argument("--judge_max_retries", type=_int_at_least(0), metavar="N",
+                   help="retries on 429, 5xx, timeouts, with exponential backoff (default 5)")
+    g.add_argument("--judge_max_tokens", type=_int_at_least(1), metavar="N",
+                   help="answer budget (default: the template's)")
+    g.add_argument("--judge_cache", metavar="DIR",
+                   help="request cache (default: $LOGITSAM_CACHE/judge, else ~/.cache/logitsam/judge)")
+    g.add_argument("--no_judge_cache", action="store_true", help="neither read nor write the request cache")
 
 
 def _add_ches(add_parser, common) -> None:

@@ -325,7 +325,8 @@ class JudgeReport:
 
     def summary(self) -> dict[str, float | int | None]:
         """Flat numbers for a results file: the win rate and its counts, length-adjusted rate, consistency, usage."""
-        rate = self.win_rate or {"win_rate": None, "ci_low": None, "ci_high": None, "n": 0}
+        rate = self.win_rate or {"win_rate": None, "ci_low": None, "ci_high": None, "n": 0, "wins": 0, "ties": 0,
+                                 "losses": 0}
         counts = {"invalid": len(self.scores)} if self.win_rate is None else {}
         lc = self.length_adjusted or {}
         return {**rate, **counts, "length_adjusted_win_rate": lc.get("length_adjusted_win_rate"),

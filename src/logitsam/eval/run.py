@@ -4,7 +4,9 @@ Three groups of numbers, written flat to ``eval_results.json``:
 - ``eval/*``: implicit-reward preference accuracy, margin and loss on held-out pairs;
 - ``shift/*``: held-out log-prob shifts vs the reference (the squeeze diagnostics, unperturbed head);
 - ``winrate/<judge>/*``: judged generations of policy vs reference with a confidence interval, their sampling
-  settings under ``generation``;
+  settings under ``generation``; an ``llm:MODEL`` judge (``logitsam.eval.llm_judge``) compares the policy with
+  ``judge_against``: the reference's samples, the dataset's chosen responses, or a previous run's samples file,
+  and writes every request to ``judgments.jsonl``;
 - ``flatness/*``: Hutchinson estimate of the parameter-Hessian trace of the preference loss, and the
   closed-form logit-Hessian trace.
 
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -34,9 +39,16 @@ from ..models import check_linear_head, forward_hidden, lm_head_of, load_model, 
 from .export import check_chat_template, default_model_id, export_answers, questions_from_prompts
 from .generate import generate_responses, generation_settings
 from .judges import make_judge
+from .llm_judge import JudgeReport, LLMJudge, LLMJudgeConfig, render_conversation
 from .stats import win_rate
 
 logger = logging.getLogger("logitsam.eval")
+
+OPPONENTS = ("reference", "chosen")  # judge_against: these, or the path of a previous run's samples file
+
+# Test seam: a callable returning the httpx client the LLM judges send through (tests return one on an
+# ``httpx.MockTransport`` fake server); None lets the openai client make its own.
+_HTTP_CLIENT_FACTORY: Callable[[], Any] | None = None
 
 
 def run_reference_of(checkpoint: str | Path) -> tuple[str | None, str | None]:
@@ -172,18 +184,39 @@ def hessian_trace_of_loss(model, dataset, *, pad_token_id, ref: HeadOutput | Non
 
 
 def judged_win_rates(policy, reference, tokenizer, prompts, judges, *, max_new_tokens, temperature, top_p,
-                     batch_size, seed, judge_device=None) -> tuple[dict, list[dict]]:
+                     batch_size, seed, judge_device=None, judge_against="reference", opponent_responses=None,
+                     llm_options=None, out_dir=None) -> tuple[dict, list[dict]]:
     """Sample from policy and reference on ``prompts`` and judge both; each judge sees the whole conversation.
 
-    ``judge_device`` places reward-model judges (default: theirs, "cuda" when available).
+    ``judge_device`` places reward-model judges (default: theirs, "cuda" when available). An ``llm:MODEL`` judge
+    (``LLMJudgeConfig(model=MODEL, **llm_options)``) compares the policy's responses with the reference's, or with
+    ``opponent_responses`` when ``judge_against`` names another opponent (chosen, a samples file); its requests
+    go to ``out_dir/judgments.jsonl``. The reference is sampled only when some judge needs it.
     """
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
     policy_out = generate_responses(policy, tokenizer, prompts, **gen)
-    ref_out = generate_responses(reference, tokenizer, prompts, **gen)
-    results, samples = {}, [{"prompt": p, "policy": a, "reference": b} for p, a, b in zip(prompts, policy_out, ref_out,
-                                                                                          strict=True)]
-    results["generation"] = generation_settings(**gen)  # a dict: reports read the numbers only
+    needs_reference = any(_needs_reference(spec, judge_against) for spec in judges)
+    ref_out = generate_responses(reference, tokenizer, prompts, **gen) if needs_reference else None
+    samples = [{"prompt": p, "policy": a} for p, a in zip(prompts, policy_out, strict=True)]
+    for i, row in enumerate(samples):
+        if ref_out is not None:
+            row["reference"] = ref_out[i]
+        if opponent_responses is not None:
+            row["opponent"] = opponent_responses[i]
+    results, judgments = {"generation": generation_settings(**gen)}, []  # a dict: reports read the numbers only
     for spec in judges:
+        if spec.startswith("llm:"):
+            config = LLMJudgeConfig(model=spec.removeprefix("llm:"), **(llm_options or {}))
+            opponent_out = ref_out if judge_against == "reference" else opponent_responses
+            report = llm_judge_report(config, prompts, policy_out, opponent_out)
+            results.update({f"winrate/{spec}/{k}": v for k, v in report.summary().items()})
+            results[f"winrate/{spec}/opponent"] = str(judge_against)  # strings: reports read the numbers only
+            results[f"winrate/{spec}/template"] = config.template
+            results[f"winrate/{spec}/orders"] = "both" if config.both_orders else "random"
+            for row, outcome in zip(samples, report.scores, strict=True):
+                row[f"{spec}_outcome"] = outcome
+            judgments += report.judgments
+            continue
         judge = make_judge(spec, **({"device": judge_device} if spec.startswith("reward:") else {}))
         a, b = judge.score(prompts, policy_out), judge.score(prompts, ref_out)
         stats = win_rate(a, b)
@@ -193,20 +226,142 @@ def judged_win_rates(policy, reference, tokenizer, prompts, judges, *, max_new_t
         results[f"winrate/{name}/reference_mean"] = sum(b) / len(b)
         for row, sa, sb in zip(samples, a, b, strict=True):
             row[f"{name}_policy"], row[f"{name}_reference"] = sa, sb
+    if judgments and out_dir is not None:
+        write_text(Path(out_dir) / "judgments.jsonl", "".join(json.dumps(j) + "\n" for j in judgments))
     return results, samples
 
 
-def _win_rate_skipped(judges, num_prompts: int, reference, policy) -> str | None:
-    """Why no judged generation runs, or None when it does."""
+def llm_judge_report(config: LLMJudgeConfig, prompts, policy_responses, opponent_responses) -> JudgeReport:
+    """Policy against opponent on each prompt, judged by the chat model ``config`` names."""
+    http_client = _HTTP_CLIENT_FACTORY() if _HTTP_CLIENT_FACTORY is not None else None
+    with LLMJudge(config, http_client=http_client) as judge:
+        return judge.compare(prompts, policy_responses, opponent_responses)
+
+
+def check_llm_judges(judges, options: dict | None) -> None:
+    """Build each ``llm:MODEL`` judge once, sending nothing, so that a bad setting, an unknown template, a missing
+    openai package or a missing API key stops the evaluation before any model loads (ValueError, ImportError)."""
+    for spec in judges:
+        if spec.startswith("llm:"):
+            LLMJudge(LLMJudgeConfig(model=spec.removeprefix("llm:"), **(options or {}))).close()
+
+
+def _needs_reference(spec: str, judge_against: str) -> bool:
+    """Every judge compares with the reference's samples, except an LLM judge against chosen or a samples file."""
+    return not (spec.startswith("llm:") and judge_against != "reference")
+
+
+def _judges_to_run(judges, num_prompts: int, reference, policy, judge_against: str) -> tuple[list, str | None]:
+    """The judges that run, and why the others do not (None when all run)."""
     if not judges:
-        return "no judge"
+        return [], "no judge"
     if num_prompts < 1:
-        return f"num_prompts={num_prompts}"
+        return [], f"num_prompts={num_prompts}"
+    why = None
     if reference is None:
-        return "no reference model (not a logitsam run; pass ref_model_name_or_path)"
-    if reference is policy:
-        return "the reference is the policy itself"
-    return None
+        why = "no reference model (not a logitsam run; pass ref_model_name_or_path)"
+    elif reference is policy:
+        why = "the reference is the policy itself"
+    if why is None:
+        return list(judges), None
+    return [spec for spec in judges if not _needs_reference(spec, judge_against)], why
+
+
+def judged_prompts(prompts: list | None, num_prompts: int, judge_against: str, dataset_name: str, *,
+                   opponent_samples: list[tuple[Any, str]] | None = None,
+                   **data_kwargs) -> tuple[list, list[str] | None]:
+    """The first ``num_prompts`` prompts to judge (``prompts``, else the dataset's) and the opponent's response to
+    each: None for the reference (sampled later), the dataset's chosen response, or a samples file's, by prompt
+    (``opponent_samples``: the file as ``read_samples`` returns it; read here when None).
+
+    Raises:
+        ValueError: ``judge_against`` is "chosen" with ``prompts`` given (they have no chosen responses).
+        DataError: the samples file is unreadable or lacks one of the prompts (``read_samples``, ``match_samples``).
+    """
+    examples = None
+    if prompts is None:
+        examples = _dataset_examples(dataset_name, **data_kwargs)[:num_prompts]
+        prompts = [e["prompt"] for e in examples]
+    prompts = prompts[:num_prompts]
+    if judge_against == "reference":
+        return prompts, None
+    if judge_against == "chosen":
+        if examples is None:
+            raise ValueError("judge_against='chosen' takes the dataset's chosen responses, but the prompts were given "
+                             "(a prompts file has none); judge the dataset's prompts instead")
+        return prompts, [e["chosen"] for e in examples]
+    if opponent_samples is None:
+        opponent_samples = read_samples(judge_against)
+    return prompts, match_samples(prompts, opponent_samples, judge_against)
+
+
+def _json_lines(path: Path):
+    """(line number, parsed record) for each non-blank line of a JSONL file; a bad line is a ``DataError``."""
+    for lineno, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: line {lineno} is not a UTF-8 JSON line: {e}") from e
+
+
+def read_samples(path: str | Path) -> list[tuple[Any, str]]:
+    """(prompt, policy response) pairs from a previous `logitsam eval`: its ``eval_samples.jsonl`` (fields
+    ``prompt`` and ``policy``) or its ``judgments.jsonl`` (the policy's side of ``response_a`` / ``response_b``,
+    once per pair ``id``).
+
+    Raises:
+        DataError: the file is missing or unreadable, or a line lacks the prompt or the policy's response.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: " + ("is a directory" if path.is_dir() else "no such file") + " (the samples file)")
+    pairs, pair_ids = [], set()
+    for lineno, record in _json_lines(path):
+        record = record if isinstance(record, dict) else {}
+        if "response_a" in record:  # judgments.jsonl: one line per order asked
+            if record.get("id") in pair_ids:
+                continue
+            pair_ids.add(record.get("id"))
+            side = {"A": "response_a", "B": "response_b"}.get(record.get("policy"))
+            response = record.get(side) if side else None
+        else:
+            response = record.get("policy")
+        prompt = record.get("prompt")
+        if not (isinstance(prompt, str | list) and prompt) or not isinstance(response, str):
+            raise DataError(f"{path}: line {lineno}: expected a 'prompt' and the policy's response "
+                            "(eval_samples.jsonl: 'policy'; judgments.jsonl: 'policy' A or B with 'response_a' and "
+                            "'response_b')")
+        pairs.append((prompt, response))
+    if not pairs:
+        raise DataError(f"{path}: no samples")
+    return pairs
+
+
+def match_samples(prompts: list, samples: list[tuple[Any, str]], source: str | Path) -> list[str]:
+    """The sample response to each prompt, matched by prompt; the k-th occurrence of a prompt takes its k-th sample.
+
+    Raises:
+        DataError: naming ``source`` and the first prompt it has no (k-th) sample for.
+    """
+    by_prompt: dict[str, list[str]] = {}
+    for prompt, response in samples:
+        by_prompt.setdefault(json.dumps(prompt, sort_keys=True), []).append(response)
+    seen: Counter = Counter()
+    responses = []
+    for i, prompt in enumerate(prompts):
+        key = json.dumps(prompt, sort_keys=True)
+        found, k = by_prompt.get(key, []), seen[key]
+        seen[key] += 1
+        if k >= len(found):
+            text = render_conversation(prompt)
+            shown = repr(text[:80]) + ("..." if len(text) > 80 else "")
+            times = f" (it has {len(found)} of this prompt, judged {k + 1} times here)" if found else ""
+            raise DataError(f"{source}: no sample for judged prompt {i}, {shown}{times}; pass the samples of a run "
+                            "on the same prompts (same data, as many prompts or more)")
+        responses.append(found[k])
+    return responses
 
 
 def load_prompts(path: str | Path) -> list:
@@ -219,13 +374,7 @@ def load_prompts(path: str | Path) -> list:
     if not path.is_file():
         raise DataError(f"{path}: " + ("is a directory" if path.is_dir() else "no such file"))
     prompts = []
-    for lineno, line in enumerate(path.read_bytes().split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: line {lineno} is not a UTF-8 JSON line: {e}") from e
+    for lineno, record in _json_lines(path):
         prompt = record.get("prompt") if isinstance(record, dict) else None
         if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
             raise DataError(f"{path}: line {lineno}, field 'prompt': expected a non-empty string or message list, "
@@ -247,7 +396,8 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
              seed: int = 0, hessian_probes: int = 0, hessian_batches: int = 1, hessian_head_only: bool = False,
              output_dir: str | Path | None = None, dtype: str = "float32", device: str | None = None,
              export: str | None = None, export_questions: list[dict] | None = None,
-             export_model_id: str | None = None) -> dict:
+             export_model_id: str | None = None, llm_judge: dict | None = None,
+             judge_against: str = "reference") -> dict:
     """Evaluate ``model_name_or_path`` against a reference on ``device`` (default: ``default_device()``).
 
     Both models are loaded in ``dtype`` (float32, bfloat16, float16 or auto, the checkpoint's own). Their
@@ -262,11 +412,22 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
     (``export.read_questions``; for alpaca_eval the dataset's single-turn prompts when None) under
     ``output_dir/export/``, filed as ``export_model_id`` (default: the model path's last part), sampled with
     the generation settings above.
+
+    A judge ``llm:MODEL`` is ``LLMJudgeConfig(model=MODEL, **llm_judge)`` and judges the policy against
+    ``judge_against``: "reference" (the reference's samples), "chosen" (the dataset's chosen responses; not with
+    ``prompts``) or the path of a previous run's ``eval_samples.jsonl`` or ``judgments.jsonl`` (its policy's
+    response to each prompt). The judges and a samples file are checked before any model loads, and the file is
+    matched to the prompts before any sampling.
     """
     if export is not None and output_dir is None:
         raise ValueError(f"export={export!r} needs an output_dir")
     if export is not None and export != "alpaca_eval" and export_questions is None:
         raise ValueError(f"export={export!r} needs export_questions (its question.jsonl)")
+    check_llm_judges(judges, llm_judge)
+    if not any(spec.startswith("llm:") for spec in judges):
+        judge_against = "reference"  # only an LLM judge takes another opponent
+    # a samples file is read before any model loads, and matched to the prompts once the data is checked
+    opponent_samples = None if judge_against in OPPONENTS else read_samples(judge_against)
     ref_name, ref_from = ref_model_name_or_path, "ref_model_name_or_path"
     if ref_name is None:
         ref_name, ref_from = run_reference_of(model_name_or_path)
@@ -281,6 +442,11 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
         dataset_name, tokenizer, split=split, data_format=data_format, max_length=max_length,
         max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, chat_rendering=chat_rendering,
         apply_chat_template=apply_chat_template, on_invalid=on_invalid, max_samples=max_samples)
+    opponent = None
+    if judges and num_prompts > 0:
+        prompts, opponent = judged_prompts(prompts, num_prompts, judge_against, dataset_name,
+                                           opponent_samples=opponent_samples, split=split, data_format=data_format,
+                                           max_samples=max_samples)
     pad = tokenizer.pad_token_id
     vocab = lm_head_of(policy).weight.shape[0]
     chunk_size = resolve_chunk_size(chunk_size, tokens=2 * batch_size * max_length, vocab_size=vocab)
@@ -307,16 +473,16 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
     results.update({k.replace("squeeze/", "shift/"): v for k, v in shifts.items()})
     results["flatness/logit_hessian_trace"] = shifts.get("squeeze/logit_hessian_trace")
     samples = []
-    skip = _win_rate_skipped(judges, num_prompts, reference, policy)
+    run_judges, skip = _judges_to_run(judges, num_prompts, reference, policy, judge_against)
     if skip:
-        logger.info("judged win rate skipped: %s", skip)
-    else:
-        if prompts is None:
-            prompts = _dataset_prompts(dataset_name, split=split, data_format=data_format, max_samples=max_samples)
-        prompts = prompts[:num_prompts]
-        wins, samples = judged_win_rates(policy, reference, tokenizer, prompts, judges, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, top_p=top_p, batch_size=gen_batch_size, seed=seed,
-                                         judge_device=device)
+        skipped = [spec for spec in judges if spec not in run_judges]
+        logger.info("judged win rate skipped%s: %s", f" for {', '.join(skipped)}" if run_judges else "", skip)
+    if run_judges:
+        wins, samples = judged_win_rates(policy, reference, tokenizer, prompts, run_judges,
+                                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                         batch_size=gen_batch_size, seed=seed, judge_device=device,
+                                         judge_against=judge_against, opponent_responses=opponent,
+                                         llm_options=llm_judge, out_dir=output_dir)
         results.update(wins)
     if export is not None:
         if export_questions is None:
@@ -337,10 +503,15 @@ def evaluate(model_name_or_path: str, *, dataset_name: str, split: str = "test",
     return results
 
 
-def _dataset_prompts(dataset_name, **kwargs) -> list:
-    """The ``prompt`` of every valid pair of the eval data (invalid rows dropped, as for the metrics)."""
+def _dataset_examples(dataset_name, **kwargs) -> list:
+    """Every valid pair of the eval data (invalid rows dropped, as for the metrics)."""
     examples, _ = load_preference_examples(dataset_name, on_invalid="drop", **kwargs)
-    return [e["prompt"] for e in examples]
+    return examples
+
+
+def _dataset_prompts(dataset_name, **kwargs) -> list:
+    """The ``prompt`` of every valid pair of the eval data."""
+    return [e["prompt"] for e in _dataset_examples(dataset_name, **kwargs)]
 
 
 def _load_pair(model_name_or_path, ref_name, dtype, device):
