@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from html_report import read_report
 
 from logitsam.cli import main
@@ -88,3 +89,49 @@ def test_a_rerun_replaces_the_earlier_run_whole(tmp_path, monkeypatch):
         assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-{expected}"]
     compare.run_compare(None, tmp_path, variants=variants, seeds=[0], eval_kwargs={"split": "x"})  # reuse
     assert calls == {"train": 2, "eval": 2}
+
+
+def _compare_kwargs(monkeypatch, argv):
+    """Runs `logitsam compare ARGV` up to run_compare and returns what it was called with."""
+    import logitsam.compare as compare
+
+    seen = {}
+
+    def fake_run_compare(config, output_dir, **kwargs):
+        seen.update(kwargs)
+        return {"table": "", "html": "r.html", "markdown": "r.md"}
+
+    monkeypatch.setattr(compare, "run_compare", fake_run_compare)
+    main(["compare", "--variants", "dpo:sam=none", *argv])
+    return seen
+
+
+def test_compare_passes_an_llm_judge_and_its_flags_to_eval(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    seen = _compare_kwargs(monkeypatch, [
+        "--eval_dataset_name", "pairs.jsonl", "--judge", "vader", "--judge", "llm:Qwen/Qwen2.5-7B-Instruct",
+        "--judge_against", "chosen", "--judge_orders", "random", "--judge_max_tokens", "32",
+        "--judge_cache", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "cmp")])
+    kw = seen["eval_kwargs"]
+    assert kw["judges"] == ("vader", "llm:Qwen/Qwen2.5-7B-Instruct") and kw["judge_against"] == "chosen"
+    assert kw["llm_judge"] == {"both_orders": False, "seed": 0, "max_tokens": 32, "cache_dir": str(tmp_path / "cache")}
+    assert "api_key" not in kw["llm_judge"]  # read from OPENAI_API_KEY by the judge itself
+    plain = _compare_kwargs(monkeypatch, ["--eval_dataset_name", "pairs.jsonl", "--output_dir", str(tmp_path / "p")])
+    assert plain["eval_kwargs"]["judges"] == ("vader",) and plain["eval_kwargs"]["llm_judge"] is None
+
+
+def test_compare_judge_errors_are_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    cases = [
+        (["--judge", "llm:fake"], "--judge llm:fake judges each run's samples: add --eval_dataset_name"),
+        (["--eval_dataset_name", "p.jsonl", "--judge", "llm:fake"], "needs an API key: set OPENAI_API_KEY"),
+        (["--eval_dataset_name", "p.jsonl", "--judge_orders", "both"], "--judge_orders both needs an LLM judge"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as err:
+            _compare_kwargs(monkeypatch, [*argv, "--output_dir", str(tmp_path / "c")])
+        assert err.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "--judge", "gpt-4"])
+    assert "'llm:MODEL'" in capsys.readouterr().err

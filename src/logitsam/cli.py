@@ -50,14 +50,9 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _judge_spec(text: str) -> str:
-    if text != "vader" and not (text.startswith("reward:") and len(text) > len("reward:")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not 'vader' or 'reward:MODEL'")
-    return text
-
-
 def _eval_judge_spec(text: str) -> str:
-    """``eval --judge``: ``train``'s judges, or ``llm:MODEL``, a chat model asked which response is better."""
+    """``eval`` and ``compare --judge``: ``vader``, ``reward:MODEL``, or ``llm:MODEL``, a chat model asked which
+    response is better."""
     if text.startswith("llm:") and text[len("llm:"):].strip():
         return text
     if text != "vader" and not (text.startswith("reward:") and len(text) > len("reward:")):
@@ -502,12 +497,23 @@ def cmd_compare(args, extra):
         variants = [parse_variant("dpo:sam=none")] + variants + rho_sweep_variants(args.rho_sweep)
     eval_kwargs = None
     if args.eval_dataset_name:
+        # compare judges the dataset's prompts (no --prompts_file); an LLM judge's random order uses seed 0
+        llm_judge = _llm_judge_settings(argparse.Namespace(**{**vars(args), "seed": 0, "prompts_file": None}))
         eval_kwargs = dict(dataset_name=args.eval_dataset_name, split=args.eval_split, judges=tuple(args.judge),
                            num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                            hessian_probes=args.hessian_probes, max_length=args.max_length,
-                           max_prompt_length=args.max_prompt_length)
-    result = run_compare(args.config, args.output_dir, variants=variants, seeds=args.seeds,
-                         overrides=parse_overrides(extra), eval_kwargs=eval_kwargs, baseline=args.baseline)
+                           max_prompt_length=args.max_prompt_length, llm_judge=llm_judge,
+                           judge_against=args.judge_against or "reference")
+    elif any(spec.startswith("llm:") for spec in args.judge):
+        llm = next(spec for spec in args.judge if spec.startswith("llm:"))
+        raise ConfigError(f"--judge {llm} judges each run's samples: add --eval_dataset_name")
+    try:
+        result = run_compare(args.config, args.output_dir, variants=variants, seeds=args.seeds,
+                             overrides=parse_overrides(extra), eval_kwargs=eval_kwargs, baseline=args.baseline)
+    except RuntimeError as err:
+        if not _judge_request_failed(err):
+            raise
+        raise ConfigError(f"--judge: {err}") from err
     print(result["table"])
     print(f"report: {result['html']} and {result['markdown']}")
 
@@ -732,7 +738,9 @@ def _add_compare(add_parser, common) -> None:
     p.add_argument("--baseline", help="variant the cost ratios refer to (default: the one without SAM)")
     p.add_argument("--eval_dataset_name", help="also run `logitsam eval` on each run with this data")
     p.add_argument("--eval_split", default="test")
-    p.add_argument("--judge", action="append", default=None, type=_judge_spec)
+    p.add_argument("--judge", action="append", default=None, type=_eval_judge_spec,
+                   help="vader (default), reward:MODEL or llm:MODEL (see `logitsam eval`); repeatable")
+    _add_llm_judge_args(p)
     p.add_argument("--num_prompts", type=_int_at_least(0), default=32)
     p.add_argument("--max_new_tokens", type=_int_at_least(1), default=48)
     p.add_argument("--hessian_probes", type=_int_at_least(0), default=0)

@@ -42,8 +42,9 @@ TRAIN_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "
 
 def write_run(root: Path, name: str, *, sam: str = "none", rho: float = 1e-4, seed: int = 0, loss_type="sigmoid",
               variant: str | None = None, seconds_per_step: float | None = 1.0, peak_memory: int | None = 2**30,
-              eval_results: bool = True, files=("metrics", "config", "info", "results")) -> Path:
-    """One run directory; ``files`` picks which of the four files exist."""
+              eval_results: bool = True, files=("metrics", "config", "info", "results"),
+              extra_results: dict | None = None) -> Path:
+    """One run directory; ``files`` picks which of the four files exist; ``extra_results`` adds eval_results keys."""
     run = root / name
     run.mkdir(parents=True)
     config = {"model_name_or_path": "tiny-llama", "dataset_name": "hh", "loss_type": loss_type, "beta": 0.1,
@@ -74,7 +75,7 @@ def write_run(root: Path, name: str, *, sam: str = "none", rho: float = 1e-4, se
     if "results" in files and eval_results:
         results = {"eval/preference_accuracy": final_accuracy(sam, rho, seed), "eval/margin": 0.3 + seed,
                    "winrate/vader/win_rate": 0.55 + 0.02 * seed, "winrate/vader/ci_low": 0.5,
-                   "winrate/vader/ci_high": 0.6, "flatness/hessian_trace": 12.0 - seed}
+                   "winrate/vader/ci_high": 0.6, "flatness/hessian_trace": 12.0 - seed, **(extra_results or {})}
         (run / "eval_results.json").write_text(json.dumps(results))
     return run
 

@@ -94,3 +94,32 @@ def test_cli_report_rebuilds_from_the_folder_alone(results, tmp_path, capsys):
     (results / "summary.md").unlink()
     main(["study", "--report_only", "--output_dir", str(results)])
     assert (results / "summary.md").exists()
+
+
+def test_judged_win_rates_with_their_interval_and_invalid_count(results):
+    """Adds an LLM judge named with '/' and a reward model to each run's eval_results.json.
+    llm:org/model win rate: 0.5 + 0.05 seed, + 0.1 at rho 1e-2: rho 0 gives 0.55, 0.6, 0.65: mean 0.6,
+    s = 0.05, half width 4.30265 x 0.05 / sqrt(3) = 0.124207 -> [0.4758, 0.7242]; paired difference 0.1 each seed.
+    Wilson bounds: rate -/+ 0.1; invalid verdicts 1, 2, 3: mean 2, half width 4.30265 / sqrt(3) = 2.48414."""
+    for path in (results / "runs").glob("*/eval_results.json"):
+        record = json.loads((path.parent / "study_run.json").read_text())
+        seed, rho = record["seed"], record["rho"]
+        rate = 0.5 + 0.05 * seed + (0.1 if rho > 0 else 0.0)
+        extra = {"winrate/llm:org/model/win_rate": rate, "winrate/llm:org/model/ci_low": rate - 0.1,
+                 "winrate/llm:org/model/ci_high": rate + 0.1, "winrate/llm:org/model/invalid": seed,
+                 "winrate/llm:org/model/length_adjusted_win_rate": rate, "winrate/llm:org/model/opponent": "reference",
+                 "winrate/reward:org/rm/win_rate": 0.4}
+        path.write_text(json.dumps({**json.loads(path.read_text()), **extra}))
+    md = build_study_report(results)["markdown"]
+    means, paired = md.split("paired difference to", 1)
+    assert "| llm:org/model win rate vs initial | 0.6 [0.4758, 0.7242] | 0.7 [0.5758, 0.8242] |" in means
+    assert "| llm:org/model win rate, Wilson 95 % CI low | 0.5 [0.3758, 0.6242] |" in means
+    assert "| llm:org/model win rate, Wilson 95 % CI high | 0.7 [0.5758, 0.8242] |" in means
+    assert "| llm:org/model invalid verdicts (pairs) | 2 [-0.4841, 4.484] | 2 [-0.4841, 4.484] |" in means
+    assert "| llm:org/model length-adjusted win rate | 0.6 [" in means
+    assert "| reward:org/rm win rate vs initial | 0.4 [0.4, 0.4] |" in means
+    assert "| llm:org/model win rate vs initial | +0.1 [+0.1, +0.1] |" in paired
+    assert "CI low" not in paired and "invalid verdicts" not in paired  # per-run bounds and counts: not paired
+    groups = {g["rho"]: g for g in json.loads((results / "summary.json").read_text())["groups"]}
+    assert groups[0.01]["paired"]["winrate/llm:org/model/win_rate"]["mean"] == pytest.approx(0.1)
+    assert "labels" not in groups[0.0]

@@ -154,3 +154,29 @@ def test_this_repository_commits_study_runs():
         pytest.skip("not a git checkout")
     assert _git(root, "check-ignore", "-q", "docs/study/sentiment/runs/rho0_seed1/metrics.jsonl").returncode == 1
     assert _git(root, "check-ignore", "-q", "runs/study/sentiment/rho0_seed1/model.safetensors").returncode == 0
+
+
+def test_an_llm_judge_needs_its_key_from_the_environment_before_any_run(tmp_path, pairs_file, monkeypatch):
+    raw = recipe(pairs_file, eval={"num_prompts": 4, "judge": ["vader", "llm:fake"],
+                                   "llm_judge": {"orders": "random", "max_tokens": 16}})
+    plan = load_study(write_recipe(tmp_path / "llm.yaml", raw))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    runner = FakeRunner()
+    with pytest.raises(ConfigError, match="needs an API key: set OPENAI_API_KEY in the environment"):
+        run_study(plan, tmp_path / "out", scratch_dir=tmp_path / "scratch", runner=runner, report=no_report)
+    assert runner.calls == []  # refused before the first training
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    commands = []
+
+    def recording(cmd, log_path, *, what):
+        commands.append(cmd)
+        runner(cmd, log_path, what=what)
+
+    run_study(plan, tmp_path / "out", only=["rho0_seed1"], scratch_dir=tmp_path / "scratch", runner=recording,
+              report=no_report)
+    (evaluation,) = [cmd for cmd in commands if cmd[3] == "eval"]
+    assert evaluation[evaluation.index("--judge_orders") + 1] == "random"
+    assert evaluation[evaluation.index("--judge_max_tokens") + 1] == "16"
+    assert [evaluation[i + 1] for i, t in enumerate(evaluation) if t == "--judge"] == ["vader", "llm:fake"]
+    assert "sk-test" not in " ".join(evaluation)  # the subprocess inherits the key, the argv never holds it

@@ -16,7 +16,7 @@ from logitsam._atomic import write_text as atomic_write_text
 from logitsam.report import plots
 from logitsam.report.runs import group_runs, load_run, pick_baseline
 from logitsam.report.tables import (
-    LABELS,
+    column_label,
     cost_table,
     eval_table,
     format_cell,
@@ -114,7 +114,7 @@ def _html_table(rows: list[dict]) -> str:
     if not rows:
         return "<p><em>(no rows)</em></p>"
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    head = "".join(f"<th>{html.escape(LABELS.get(c, c))}</th>" for c in columns)
+    head = "".join(f"<th>{html.escape(column_label(c))}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(row.get(c)))}</td>" for c in columns) + "</tr>"
                    for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

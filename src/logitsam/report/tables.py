@@ -30,7 +30,6 @@ LABELS = {
     "eval_accuracy": "eval accuracy",
     "chosen_delta": "chosen Δ vs ref",
     "displacement_rate": "displacement rate",
-    "win_rate": "win rate",
     "device": "device",
     "seconds_per_step": "s/step",
     "peak_memory_gib": "peak memory (GiB)",
@@ -40,7 +39,11 @@ LABELS = {
 }
 # throughput keys of an eval record: cost, not a metric
 _EVAL_SPEED_KEYS = frozenset({"eval_runtime", "eval_samples_per_second", "eval_steps_per_second"})
-_WIN_RATE = re.compile(r"^winrate/([^/]+)/win_rate$")
+# a judge name may hold '/': ``llm:Qwen/Qwen2.5-7B-Instruct``, ``reward:org/model``
+_WIN_RATE = re.compile(r"^winrate/(.+)/win_rate$")
+# per judge, the summary's columns after its win rate: (column prefix, label, eval_results key suffix)
+_JUDGE_COLUMNS = (("win_rate_ci", "Wilson 95 % CI", None), ("invalid", "invalid verdicts", "invalid"),
+                  ("length_adjusted", "length-adjusted win rate", "length_adjusted_win_rate"))
 
 
 def format_cell(value) -> str:
@@ -54,6 +57,15 @@ def format_cell(value) -> str:
     return str(value)
 
 
+def column_label(column: str) -> str:
+    """The header of a column: ``LABELS``, or for a judge's column (``win_rate/<judge>``, ...) its label and judge."""
+    if column in LABELS:
+        return LABELS[column]
+    prefix, _, judge = column.partition("/")
+    labels = {"win_rate": "win rate", **{name: label for name, label, _ in _JUDGE_COLUMNS}}
+    return f"{labels[prefix]} ({judge})" if judge and prefix in labels else column
+
+
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     """A Markdown table of rows (columns: the union of the rows' keys in first-seen order)."""
     if not rows:
@@ -64,7 +76,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> 
     def line(cells):
         return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 
-    out = [line(LABELS.get(c, c) for c in columns), "|" + "|".join("---" for _ in columns) + "|"]
+    out = [line(column_label(c) for c in columns), "|" + "|".join("---" for _ in columns) + "|"]
     out += [line(format_cell(row.get(c)) for c in columns) for row in rows]
     return "\n".join(out) + "\n"
 
@@ -80,14 +92,46 @@ def _info_stat(runs: Sequence[Run], key: str, scale: float = 1.0) -> Stat | None
     return seed_stat(values)
 
 
-def _win_rate_key(groups: dict[str, list[Run]]) -> str | None:
-    """The first judge's win-rate key (sorted by judge name) found in any eval_results.json."""
-    keys = sorted({k for runs in groups.values() for r in runs for k in r.eval_results if _WIN_RATE.match(k)})
-    return keys[0] if keys else None
+def judges_of(groups: dict[str, list[Run]]) -> list[str]:
+    """Every judge with a win rate in any eval_results.json (``winrate/<judge>/win_rate``), sorted by name."""
+    return sorted({m.group(1) for runs in groups.values() for r in runs for k in r.eval_results
+                   if (m := _WIN_RATE.match(k))})
+
+
+def _interval_cell(runs: Sequence[Run], judge: str) -> str | None:
+    """The per-run Wilson interval ``[low, high]``; over several seeds, the mean of each bound."""
+    lows = [r.eval_results[f"winrate/{judge}/ci_low"] for r in runs if f"winrate/{judge}/ci_low" in r.eval_results]
+    highs = [r.eval_results[f"winrate/{judge}/ci_high"] for r in runs
+             if f"winrate/{judge}/ci_high" in r.eval_results]
+    if not lows or len(lows) != len(highs):
+        return None
+    cell = f"[{format_cell(sum(lows) / len(lows))}, {format_cell(sum(highs) / len(highs))}]"
+    return cell if len(lows) == 1 else f"{cell} (mean of {len(lows)})"
+
+
+def judge_cells(runs: Sequence[Run], judge: str, present: set[str]) -> dict:
+    """A variant's columns for one judge: win rate (mean ± std over seeds), its Wilson interval, and the
+    invalid-verdict count and length-adjusted win rate of LLM judges; only the columns ``present`` in any run."""
+    cells = {f"win_rate/{judge}": group_stat(runs, [("eval_results", f"winrate/{judge}/win_rate")])}
+    for name, _, suffix in _JUDGE_COLUMNS:
+        if f"{name}/{judge}" not in present:
+            continue
+        cells[f"{name}/{judge}"] = _interval_cell(runs, judge) if suffix is None else \
+            group_stat(runs, [("eval_results", f"winrate/{judge}/{suffix}")])
+    return cells
+
+
+def _judge_columns(groups: dict[str, list[Run]], judge: str) -> set[str]:
+    keys = {k for runs in groups.values() for r in runs for k in r.eval_results}
+    present = {f"win_rate_ci/{judge}"} if f"winrate/{judge}/ci_low" in keys else set()
+    return present | {f"{name}/{judge}" for name, _, suffix in _JUDGE_COLUMNS
+                      if suffix is not None and f"winrate/{judge}/{suffix}" in keys}
 
 
 def summary_table(groups: dict[str, list[Run]], baseline: str | None = None) -> list[dict]:
-    """One row a variant: seeds, final eval accuracy, chosen Δ vs ref, displacement, win rate, cost ratios.
+    """One row a variant: seeds, final eval accuracy, chosen Δ vs ref, displacement, per judge its win rate
+    (``win_rate/<judge>``) with its Wilson interval (and an LLM judge's invalid verdicts and length-adjusted win
+    rate), cost ratios.
 
     Each number is the final value of a run (the last eval record if it was logged, else the last train
     record or eval_results.json), then mean ± sample std over seeds. Ratios divide the variant's mean
@@ -96,7 +140,7 @@ def summary_table(groups: dict[str, list[Run]], baseline: str | None = None) -> 
     base = pick_baseline(groups, baseline)
     base_step = _info_stat(groups[base], "seconds_per_step")
     base_mem = _info_stat(groups[base], "peak_memory_bytes")
-    win_key = _win_rate_key(groups)
+    judges = {judge: _judge_columns(groups, judge) for judge in judges_of(groups)}
     rows = []
     for name, runs in groups.items():
         row = {
@@ -106,8 +150,8 @@ def summary_table(groups: dict[str, list[Run]], baseline: str | None = None) -> 
             "chosen_delta": group_stat(runs, CHOSEN_DELTA),
             "displacement_rate": group_stat(runs, DISPLACEMENT),
         }
-        if win_key is not None:
-            row["win_rate"] = group_stat(runs, [("eval_results", win_key)])
+        for judge, present in judges.items():
+            row.update(judge_cells(runs, judge, present))
         row["step_ratio"] = _ratio(_info_stat(runs, "seconds_per_step"), base_step)
         row["memory_ratio"] = _ratio(_info_stat(runs, "peak_memory_bytes"), base_mem)
         rows.append(row)

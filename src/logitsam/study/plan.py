@@ -12,7 +12,9 @@ A study recipe holds (see ``recipes/study/*.yaml``):
 - ``cells``: extra cells, each ``name``, ``sam_rho``, optional ``seeds``, ``train`` overrides (``bf16: true``),
   ``eval`` overrides and ``ches_filter_top_percent`` (train on the CHES-filtered pool);
 - ``eval``: what `logitsam eval` runs on each finished run (``num_prompts``, ``judge``, ``hessian_probes`` for
-  the rhos in ``hessian_rhos``, ...);
+  the rhos in ``hessian_rhos``, ...); ``judge`` lists ``vader``, ``reward:MODEL`` or ``llm:MODEL`` (default
+  ``[vader]``), and ``llm_judge`` holds the LLM judge's settings (``LLM_JUDGE_KEYS``, each passed as
+  ``--judge_KEY``); the API key comes from ``OPENAI_API_KEY``, never from the recipe;
 - ``report``: ``figure_rhos`` for the Fig. 1c analogue (default: 0, the best rho and the largest);
 - ``budget``: seconds per step for DPO and logits-SAM, per in-training eval and per run, for ``--dry_run``.
 
@@ -40,8 +42,11 @@ STUDY_KEYS = ("name", "task", "data", "base_recipe", "train", "grid", "cells", "
               "scratch_dir")
 DATA_KEYS = ("path", "format", "heldout_pairs", "train_pairs")
 CELL_KEYS = ("name", "sam_rho", "seeds", "train", "eval", "ches_filter_top_percent")
-EVAL_KEYS = ("num_prompts", "max_new_tokens", "temperature", "top_p", "judge", "batch_size", "gen_batch_size",
-             "hessian_probes", "hessian_batches", "hessian_head_only", "device")
+EVAL_KEYS = ("num_prompts", "max_new_tokens", "temperature", "top_p", "judge", "llm_judge", "batch_size",
+             "gen_batch_size", "hessian_probes", "hessian_batches", "hessian_head_only", "device")
+# eval.llm_judge: each key is `logitsam eval`'s --judge_KEY flag (cache: a directory, or false for --no_judge_cache)
+LLM_JUDGE_KEYS = ("template", "against", "base_url", "orders", "concurrency", "timeout", "max_retries",
+                  "max_tokens", "cache")
 BUDGET_KEYS = ("dpo_seconds_per_step", "sam_seconds_per_step", "seconds_per_eval", "seconds_per_run")
 # keys the study sets itself: a recipe that sets them would silently break the pairing or the held-out split
 OWNED_TRAIN_KEYS = ("output_dir", "seed", "data_seed", "sam", "sam_rho", "dataset_name", "dataset_split",
@@ -133,6 +138,72 @@ def _numbers(value, where: str, kind=float, low=0) -> list:
     return out
 
 
+def _judges(value, where: str) -> list[str]:
+    """``eval.judge`` as a list of judge specs: ``vader``, ``reward:MODEL`` or ``llm:MODEL``."""
+    judges = [value] if isinstance(value, str) else value
+    if not isinstance(judges, list) or not judges:
+        raise ConfigError(f"{where}.judge = {value!r} must be a judge or a non-empty list of judges "
+                          "('vader', 'reward:MODEL', 'llm:MODEL')")
+    for spec in judges:
+        ok = isinstance(spec, str) and (spec == "vader" or any(
+            spec.startswith(kind) and spec[len(kind):].strip() for kind in ("reward:", "llm:")))
+        if not ok:
+            raise ConfigError(f"{where}.judge: {spec!r} is not 'vader', 'reward:MODEL' (a reward model) or "
+                              "'llm:MODEL' (a chat model as judge)")
+    return list(judges)
+
+
+def _is_int(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+# eval.llm_judge key -> (test of its value, what the value may be)
+_LLM_JUDGE_VALUES = {
+    "template": (lambda v: isinstance(v, str) and v.strip(), "a template name (dpo_dialogue, ...) or file path"),
+    "against": (lambda v: isinstance(v, str) and v.strip(), "reference, chosen or the path of a samples file"),
+    "base_url": (lambda v: isinstance(v, str) and v.strip(), "an OpenAI-compatible server URL (.../v1)"),
+    "orders": (lambda v: v in ("both", "random"), "'both' or 'random'"),
+    "concurrency": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "timeout": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0, "seconds > 0"),
+    "max_retries": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "max_tokens": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "cache": (lambda v: v is True or v is False or (isinstance(v, str) and v.strip()),
+              "a cache directory, true (the default cache) or false (no cache)"),
+}
+assert tuple(_LLM_JUDGE_VALUES) == LLM_JUDGE_KEYS
+
+
+def _check_judges(options: dict, where: str, *, prompts_file) -> dict:
+    """``options`` with ``judge`` as a list and ``llm_judge`` checked key by key (only when it is given, so the
+    recorded settings of runs made before it existed stay the same)."""
+    out = dict(options)
+    if "judge" in out:
+        out["judge"] = _judges(out["judge"], where)
+    llm = [spec for spec in out.get("judge", ["vader"]) if spec.startswith("llm:")]
+    if llm and out.get("num_prompts") == 0:
+        raise ConfigError(f"{where}.num_prompts = 0: the judge {llm[0]} would judge nothing; set num_prompts "
+                          "(the prompts judged per run)")
+    if "llm_judge" not in out:
+        return out
+    settings = out["llm_judge"]
+    if isinstance(settings, dict) and "api_key" in settings:
+        raise ConfigError(f"{where}.llm_judge.api_key: a recipe never holds an API key (it is committed with the "
+                          "study's results); set the OPENAI_API_KEY environment variable instead")
+    settings = dict(_mapping(settings, f"{where}.llm_judge", LLM_JUDGE_KEYS))
+    for key, value in settings.items():
+        test, allowed = _LLM_JUDGE_VALUES[key]
+        if not test(value):
+            raise ConfigError(f"{where}.llm_judge.{key} = {value!r}: must be {allowed}")
+    if not llm:
+        raise ConfigError(f"{where}.llm_judge is set but no judge is 'llm:MODEL'; add one to {where}.judge "
+                          "(e.g. judge: [vader, 'llm:gpt-4o-mini']) or remove llm_judge")
+    if settings.get("against") == "chosen" and prompts_file:
+        raise ConfigError(f"{where}.llm_judge.against = 'chosen' compares with the dataset's chosen responses, "
+                          f"but this task judges the prompts file {prompts_file} (prompts only); use 'reference'")
+    out["llm_judge"] = settings
+    return out
+
+
 def _check_owned(train: dict, where: str) -> None:
     owned = sorted(set(train) & set(OWNED_TRAIN_KEYS))
     if owned:
@@ -203,7 +274,7 @@ def eval_args(train: dict, task_eval: dict, options: dict, seed: int) -> dict:
         loss = loss[0]
     if not isinstance(loss, str):
         raise ConfigError(f"train.loss_type = {loss!r}: the study's eval takes one loss name")
-    judges = options.get("judge", ["vader"])
+    judges = options.get("judge", ["vader"])  # a list once _check_judges has run; a string in older callers
     return {**task_eval, "max_length": train.get("max_length", _train_default("max_length")),
             "max_prompt_length": train.get("max_prompt_length", _train_default("max_prompt_length")),
             "truncation_mode": train.get("truncation_mode", _train_default("truncation_mode")),
@@ -248,6 +319,7 @@ def expand(raw: dict, *, path: str | Path = "<study>") -> StudyPlan:
     evaluation = dict(_mapping(raw.get("eval"), f"{where}: eval", (*EVAL_KEYS, "hessian_rhos")))
     if task == "hh":
         evaluation.setdefault("num_prompts", 0)  # no sentiment judge for HH; `reward:MODEL` judges are opt-in
+    evaluation = _check_judges(evaluation, f"{where}: eval", prompts_file=data_eval["prompts_file"])
     hessian_rhos = _numbers(evaluation.pop("hessian_rhos"), f"{where}: eval.hessian_rhos") \
         if "hessian_rhos" in evaluation else None
     probes = evaluation.get("hessian_probes", 0)
@@ -294,7 +366,11 @@ def _cell_runs(cells, where: str, main_train: dict, evaluation: dict, seeds, dat
         if ches is not None and (isinstance(ches, bool) or not isinstance(ches, int | float) or not 0 < ches < 100):
             raise ConfigError(f"{at}: ches_filter_top_percent = {ches!r} must be a number in (0, 100)")
         cell_train = {**main_train, **extra}
-        options = {**evaluation, **_mapping(cell.get("eval"), f"{at}: eval", EVAL_KEYS)}
+        cell_eval = _mapping(cell.get("eval"), f"{at}: eval", EVAL_KEYS)
+        inherited = dict(evaluation)
+        if "judge" in cell_eval and "llm_judge" not in cell_eval:  # the cell's own judges: no LLM judge inherited
+            inherited.pop("llm_judge", None)
+        options = _check_judges({**inherited, **cell_eval}, f"{at}: eval", prompts_file=data_eval["prompts_file"])
         runs += _seeded(_expand_cell(
             name, _numbers(cell.get("sam_rho"), f"{at}: sam_rho"),
             _numbers(cell["seeds"], f"{at}: seeds", kind=int) if "seeds" in cell else seeds,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,6 +65,33 @@ METRICS: tuple[tuple[str, str, Callable[[Run], float | None]], ...] = (
 )
 
 
+# per judge other than VADER (whose win rate is in METRICS): (key suffix, label, paired with rho 0?); a judge
+# name may hold '/' (``llm:Qwen/Qwen2.5-7B-Instruct``, ``reward:org/model``)
+JUDGE_METRICS = (
+    ("win_rate", "win rate vs initial", True),
+    ("ci_low", "win rate, Wilson 95 % CI low", False),
+    ("ci_high", "win rate, Wilson 95 % CI high", False),
+    ("invalid", "invalid verdicts (pairs)", False),
+    ("length_adjusted_win_rate", "length-adjusted win rate", True),
+)
+_JUDGE = re.compile(r"^winrate/(.+)/win_rate$")
+
+
+def judges_of(runs: list[Run]) -> list[str]:
+    """The judges other than VADER with a win rate in any run's eval_results.json, sorted by name."""
+    return sorted({m.group(1) for run in runs for key in run.eval_results if (m := _JUDGE.match(key))} - {"vader"})
+
+
+def metrics_of(runs: list[Run]) -> list[tuple[str, str, Callable[[Run], float | None], bool]]:
+    """(name, label, getter, paired) of every row: ``METRICS`` (all paired), then ``JUDGE_METRICS`` for each
+    judge in ``judges_of`` (named by their eval_results key, e.g. ``winrate/llm:org/model/win_rate``)."""
+    rows = [(name, label, getter, True) for name, label, getter in METRICS]
+    for judge in judges_of(runs):
+        rows += [(f"winrate/{judge}/{suffix}", f"{judge} {label}", _result(f"winrate/{judge}/{suffix}"), paired)
+                 for suffix, label, paired in JUDGE_METRICS]
+    return rows
+
+
 def load_study_runs(study_dir: str | Path) -> list[tuple[dict, Run]]:
     """(study_run.json record, Run) of every finished run under ``study_dir/runs``, sorted by run id."""
     out = []
@@ -82,8 +110,10 @@ def _value(getter, run: Run) -> float | None:
 
 
 def summarize(runs: list[tuple[dict, Run]]) -> list[dict]:
-    """One entry per (cell, rho): seeds, each metric's ``Interval`` and its paired difference to the baseline."""
+    """One entry per (cell, rho): seeds, each metric's ``Interval`` and its paired difference to the baseline,
+    and each metric's ``labels`` (the rows of ``metrics_of``, in order)."""
     groups = _groups(runs)
+    metrics = metrics_of([run for _, run in runs])
     cells = [MAIN] + sorted({c for c, _ in groups} - {MAIN})
     out = []
     for cell in cells:
@@ -92,11 +122,12 @@ def summarize(runs: list[tuple[dict, Run]]) -> list[dict]:
             base_key = (cell, 0.0) if (cell, 0.0) in groups else (MAIN, 0.0)
             base = groups.get(base_key) if (cell, rho) != base_key else None
             entry = {"cell": cell, "rho": rho, "seeds": sorted(by_seed), "metrics": {}, "paired": {},
-                     "baseline": None if base is None else {"cell": base_key[0], "rho": base_key[1]}}
-            for name, _, getter in METRICS:
+                     "baseline": None if base is None else {"cell": base_key[0], "rho": base_key[1]},
+                     "labels": {name: label for name, label, _, _ in metrics}}
+            for name, _, getter, paired in metrics:
                 values = {s: v for s, r in by_seed.items() if (v := _value(getter, r)) is not None}
                 entry["metrics"][name] = mean_interval(values.values())
-                if base is not None:
+                if base is not None and paired:
                     base_values = {s: v for s, r in base.items() if (v := _value(getter, r)) is not None}
                     entry["paired"][name] = paired_difference(values, base_values)
             out.append(entry)
@@ -125,7 +156,8 @@ def format_tables(summary: list[dict]) -> str:
     parts = []
     for cell in dict.fromkeys(e["cell"] for e in summary):
         entries = [e for e in summary if e["cell"] == cell]
-        names = [(n, label) for n, label, _ in METRICS if any(e["metrics"][n] is not None for e in entries)]
+        labels = entries[0]["labels"]
+        names = [(n, labels[n]) for n in labels if any(e["metrics"][n] is not None for e in entries)]
         parts.append(f"### {'main grid' if cell == MAIN else f'cell {cell}'}: mean [95 % t-interval] over seeds\n")
         parts.append("| metric | " + " | ".join(_group_label(e) for e in entries) + " |")
         parts.append("|---|" + "---:|" * len(entries))
@@ -139,7 +171,7 @@ def format_tables(summary: list[dict]) -> str:
                          "(same seed), mean [95 % t-interval]\n")
             parts.append("| metric | " + " | ".join(f"{_group_label(e)} − rho 0" for e in paired) + " |")
             parts.append("|---|" + "---:|" * len(paired))
-            for name, label in names:
+            for name, label in ((n, label) for n, label in names if n in paired[0]["paired"]):
                 parts.append(f"| {label} | " + " | ".join(format_interval(e["paired"][name], sign=True)
                                                           for e in paired) + " |")
         parts.append("")
@@ -280,7 +312,7 @@ def _jsonable(summary: list[dict]) -> list[dict]:
         return None if x is None else {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                        for k, v in x._asdict().items()}
 
-    return [{**e, "metrics": {k: iv(v) for k, v in e["metrics"].items()},
+    return [{**{k: v for k, v in e.items() if k != "labels"}, "metrics": {k: iv(v) for k, v in e["metrics"].items()},
              "paired": {k: iv(v) for k, v in e["paired"].items()}} for e in summary]
 
 

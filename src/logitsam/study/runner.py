@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -48,17 +49,48 @@ def finished(run_dir: Path) -> bool:
 
 
 def eval_command(run: RunSpec, model_dir: Path) -> list[str]:
-    """``python -m logitsam.cli eval`` on the trained run, against its initial model, on the held-out slice."""
+    """``python -m logitsam.cli eval`` on the trained run, against its initial model, on the held-out slice.
+
+    ``eval.llm_judge`` becomes the ``--judge_KEY`` flags (``cache: false`` is ``--no_judge_cache``); the API key
+    stays in the environment (``OPENAI_API_KEY``), which the subprocess inherits.
+    """
     args = dict(run.eval)
     cmd = [sys.executable, "-m", "logitsam.cli", "eval", "--model", str(model_dir), "--output_dir", str(model_dir)]
     for judge in args.pop("judge"):
         cmd += ["--judge", judge]
+    flags = []  # switches without a value go last
+    for key, value in args.pop("llm_judge", {}).items():
+        if key == "cache" and isinstance(value, bool):
+            flags += [] if value else ["--no_judge_cache"]
+        else:
+            cmd += [f"--judge_{key}", str(value)]
     if args.pop("hessian_head_only", False):
-        cmd.append("--hessian_head_only")
+        flags.append("--hessian_head_only")
     for key, value in args.items():
         if value is not None:
             cmd += [f"--{key}", str(value)]
-    return cmd
+    return cmd + flags
+
+
+def check_llm_judge_env(runs: list[RunSpec]) -> None:
+    """Before the first run trains: a run with an ``llm:MODEL`` judge needs ``OPENAI_API_KEY`` (or a local server:
+    ``llm_judge.base_url`` or ``OPENAI_BASE_URL``), and a samples file named by ``llm_judge.against`` must exist.
+
+    Raises:
+        ConfigError: naming the run and what is missing.
+    """
+    for run in runs:
+        if not any(spec.startswith("llm:") for spec in run.eval.get("judge", ())):
+            continue
+        settings = run.eval.get("llm_judge", {})
+        if not (os.environ.get("OPENAI_API_KEY") or settings.get("base_url") or os.environ.get("OPENAI_BASE_URL")):
+            raise ConfigError(f"run {run.run_id}: its LLM judge needs an API key: set OPENAI_API_KEY in the "
+                              "environment (never in the recipe), or set eval.llm_judge.base_url to a local "
+                              "OpenAI-compatible server")
+        against = settings.get("against", "reference")
+        if against not in ("reference", "chosen") and not Path(against).expanduser().is_file():
+            raise ConfigError(f"run {run.run_id}: eval.llm_judge.against = {against!r} is not reference, chosen or "
+                              "an existing samples file (eval_samples.jsonl or judgments.jsonl)")
 
 
 def ches_command(run: RunSpec, out_dir: Path) -> list[str]:
@@ -208,6 +240,7 @@ def run_study(plan: StudyPlan, output_dir: str | Path, *, only: list[str] | None
     out = Path(output_dir)
     scratch = Path(scratch_dir or plan.scratch_dir)
     runs = select(plan, only)
+    check_llm_judge_env([r for r in runs if not finished(out / "runs" / r.run_id)])
     (out / "runs").mkdir(parents=True, exist_ok=True)
     remove_staged(out / "runs")  # a copy a killed study left half-done
     recipe_copy = out / RECIPE_COPY
